@@ -1,0 +1,248 @@
+"""ViT / MAE / DMAE core against independent references (formulas evaluated separately in NumPy)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maejax import losses
+from maejax.models.dmae import DMAEStudent, ProjectionHead, dmae_loss, teacher_features
+from maejax.models.mae import MAE, mae_from_size, random_masking
+from maejax.models.vit import ViT, patchify, sincos_pos_embed_2d, unpatchify, vit_size
+
+TINY = dict(img_size=32, patch_size=8, width=64, depth=4, num_heads=2, decoder_width=32, decoder_depth=2,
+            decoder_heads=2)
+
+
+def init(model, *args, **kw):
+  rngs = {"params": jax.random.key(0), "masking": jax.random.key(1)}
+  return nn.meta.unbox(model.init(rngs, *args, **kw))
+
+
+def images(b=2, size=32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
+
+
+# ----------------------------------------------------------------------------------- position embedding
+
+
+def reference_sincos(d, g):
+  """The formula of DESIGN.md §2 written out token by token, float64."""
+  out = np.zeros((1 + g * g, d))
+  q = d // 4
+  for h in range(g):
+    for w in range(g):
+      row = 1 + h * g + w
+      for k in range(q):
+        om = 1.0 / 10000.0 ** (k / q)
+        out[row, k] = math.sin(w * om)
+        out[row, q + k] = math.cos(w * om)
+        out[row, 2 * q + k] = math.sin(h * om)
+        out[row, 3 * q + k] = math.cos(h * om)
+  return out
+
+
+@pytest.mark.parametrize("d,g", [(16, 3), (64, 4), (768, 14)])
+def test_sincos_matches_formula(d, g):
+  ours = sincos_pos_embed_2d(d, g)
+  assert ours.dtype == np.float64 and ours.shape == (1 + g * g, d)
+  np.testing.assert_allclose(ours, reference_sincos(d, g), rtol=0, atol=1e-12)
+
+
+def test_sincos_rejects_bad_dim():
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sincos_pos_embed_2d(30, 2)
+
+
+# ------------------------------------------------------------------------------------------- patches
+
+
+def test_patchify_order_and_roundtrip():
+  x = np.random.default_rng(0).normal(size=(2, 16, 24, 3)).astype(np.float32)
+  x = x[:, :16, :16]
+  p = 4
+  got = np.asarray(patchify(jnp.asarray(x), p))
+  # Independent: patch (i, j) row-major, pixels (pi, pj) row-major, channel fastest.
+  ref = np.stack([np.stack([x[b, i * p:(i + 1) * p, j * p:(j + 1) * p, :].reshape(-1)
+                            for i in range(4) for j in range(4)]) for b in range(2)])
+  np.testing.assert_array_equal(got, ref)
+  np.testing.assert_array_equal(np.asarray(unpatchify(jnp.asarray(got), p)), x)
+
+
+# ------------------------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("ratio", [0.75, 0.5, 0.9, 0.33])
+def test_random_masking_counts_and_restore(ratio):
+  b, l = 5, 49
+  noise = jax.random.uniform(jax.random.key(3), (b, l))
+  ids_keep, mask, ids_restore = random_masking(noise, ratio)
+  keep = int(l * (1 - ratio))
+  assert ids_keep.shape == (b, keep)
+  np.testing.assert_array_equal(np.asarray(mask.sum(1)), np.full(b, l - keep))
+  n = np.asarray(noise)
+  for i in range(b):
+    order = np.argsort(n[i], kind="stable")
+    np.testing.assert_array_equal(np.asarray(ids_keep[i]), order[:keep])
+    expect = np.ones(l)
+    expect[order[:keep]] = 0
+    np.testing.assert_array_equal(np.asarray(mask[i]), expect)
+    np.testing.assert_array_equal(order[np.asarray(ids_restore[i])], np.arange(l))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_mask_ratio_outside_unit_interval(ratio):
+  with pytest.raises(ValueError, match="mask_ratio"):
+    random_masking(jnp.zeros((1, 4)), ratio)
+  with pytest.raises(ValueError, match="mask_ratio"):
+    init(MAE(**TINY, mask_ratio=ratio), images())
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def reference_mae_loss(pred, imgs, mask, p, norm_pix):
+  pred, imgs, mask = map(lambda a: np.asarray(a, np.float64), (pred, imgs, mask))
+  b, h, w, c = imgs.shape
+  tgt = np.asarray(patchify(jnp.asarray(imgs), p), np.float64)
+  if norm_pix:
+    mu = tgt.mean(-1, keepdims=True)
+    var = tgt.var(-1, ddof=1, keepdims=True)
+    tgt = (tgt - mu) / np.sqrt(var + 1e-6)
+  per = ((pred - tgt) ** 2).mean(-1)
+  return (per * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_mae_forward_loss_matches_formula(norm_pix):
+  model = MAE(**TINY, norm_pix_loss=norm_pix)
+  x = images()
+  params = init(model, x)
+  noise = jax.random.uniform(jax.random.key(7), (2, 16))
+  out = model.apply(params, x, noise)
+  assert out.pred.shape == (2, 16, 8 * 8 * 3) and out.latent.shape == (2, 1 + 4, 64)
+  ref = reference_mae_loss(out.pred, x, out.mask, 8, norm_pix)
+  np.testing.assert_allclose(float(out.loss), ref, rtol=1e-5)
+  assert np.isfinite(float(out.loss))
+  rec = model.apply(params, out, x, method=MAE.reconstruct)
+  assert rec.shape == x.shape
+
+
+def test_mae_jit_grad_and_size_table():
+  model = MAE(**TINY)
+  x = images()
+  params = init(model, x)
+  g = jax.jit(jax.grad(lambda p: model.apply(p, x, rngs={"masking": jax.random.key(2)}).loss))(params)
+  leaves = jax.tree_util.tree_leaves(g)
+  assert all(np.isfinite(np.asarray(a)).all() for a in leaves)
+  assert vit_size("B") == {"width": 768, "depth": 12, "num_heads": 12}
+  assert vit_size("L") == {"width": 1024, "depth": 24, "num_heads": 16}
+  assert vit_size("H") == {"width": 1280, "depth": 32, "num_heads": 16}
+  with pytest.raises(ValueError, match="unknown ViT size 'XL'"):
+    mae_from_size("XL")
+
+
+def test_vit_b_param_count_matches_official():
+  # Official ViT-B/16 MAE encoder: 85,798,656 weights without pos_embed (86,389,248 with the 197x768 buffer);
+  # independent count from the architecture formula.
+  d, L, p = 768, 12, 16
+  per_block = 4 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+  expected = p * p * 3 * d + d + d + L * per_block + 2 * d
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(
+      ViT(width=d, depth=L, num_heads=12).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))))
+  n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
+  assert n == expected
+
+
+def test_qkv_init_bounds_match_fused_linear():
+  d = 64
+  params = init(ViT(img_size=32, patch_size=8, width=d, depth=1, num_heads=2), images())
+  q = np.asarray(params["params"]["blocks_0"]["attn"]["query"]["kernel"])
+  bound = math.sqrt(6 / (d + 3 * d))
+  assert np.abs(q).max() <= bound and np.abs(q).max() > 0.9 * bound
+
+
+def test_bad_images_rejected():
+  model = MAE(**TINY)
+  params = init(model, images())
+  with pytest.raises(ValueError, match=r"expected images of shape \(B, 32, 32, 3\)"):
+    model.apply(params, images(size=48), rngs={"masking": jax.random.key(0)})
+  with pytest.raises(ValueError, match="expected images"):
+    model.apply(params, jnp.zeros((2, 32, 32, 1)), rngs={"masking": jax.random.key(0)})
+  with pytest.raises(ValueError, match="noise must have shape"):
+    model.apply(params, images(), jnp.zeros((2, 15)))
+
+
+def test_mask_tokens_in_encoder_variant_runs():
+  model = MAE(**TINY, mask_token_in_encoder=True)
+  x = images()
+  params = init(model, x)
+  out = model.apply(params, x, rngs={"masking": jax.random.key(0)})
+  assert out.latent.shape == (2, 1 + 4, 64) and np.isfinite(float(out.loss))
+
+
+# ---------------------------------------------------------------------------------------------- DMAE
+
+
+def test_encoder_truncation_equals_full_block_output():
+  vit = ViT(img_size=32, patch_size=8, width=64, depth=4, num_heads=2)
+  x = images()
+  params = init(vit, x)
+  ids = jnp.array([[0, 5, 9, 15], [3, 4, 1, 2]])
+  full = vit.apply(params, x, ids, return_blocks=(1, 2))
+  part = vit.apply(params, x, ids, return_blocks=(1, 2), stop_after=2)
+  assert part.tokens is None and full.tokens.shape == (2, 5, 64)
+  for b in (1, 2):
+    np.testing.assert_array_equal(np.asarray(part.blocks[b]), np.asarray(full.blocks[b]))
+  with pytest.raises(ValueError, match="outside"):
+    vit.apply(params, x, ids, return_blocks=(3,), stop_after=2)
+
+
+def test_dmae_loss_zero_for_identical_features_through_identity_head():
+  feats = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  head = ProjectionHead(16)
+  hp = {"params": {"proj": {"kernel": jnp.eye(16), "bias": jnp.zeros(16)}}}
+  for dist in losses.DISTANCES:
+    assert float(losses.dmae_feature_loss(head.apply(hp, feats), feats, dist)) == pytest.approx(0, abs=1e-6)
+  # Independent value for a non-trivial pair: mean |a/|a| - b/|b||.
+  other = feats + 1.0
+  a = np.asarray(feats) / np.linalg.norm(np.asarray(feats), axis=-1, keepdims=True)
+  b = np.asarray(other) / np.linalg.norm(np.asarray(other), axis=-1, keepdims=True)
+  np.testing.assert_allclose(float(losses.dmae_feature_loss(feats, other)), np.abs(a - b).mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown distance"):
+    losses.feature_distance(feats, feats, "huber")
+
+
+def _dmae_setup():
+  student = DMAEStudent(MAE(**TINY), teacher_width=96, pairs=((1, 3),))
+  teacher = MAE(**{**TINY, "width": 96, "depth": 6, "num_heads": 3})
+  x = images()
+  sp = init(student, x)["params"]
+  tp = init(teacher, x)["params"]
+  return student, teacher, sp, tp, x
+
+
+def test_dmae_truncated_teacher_equals_full_teacher_and_gradients():
+  student, teacher, sp, tp, x = _dmae_setup()
+  rngs = {"masking": jax.random.key(4)}
+  out, _ = student.apply({"params": sp}, x, rngs=rngs)
+  tr = teacher_features(teacher, tp, x, out.ids_keep, out.mask, out.ids_restore, [3], "truncated")
+  fu = teacher_features(teacher, tp, x, out.ids_keep, out.mask, out.ids_restore, [3], "full")
+  np.testing.assert_allclose(np.asarray(tr.features[0]), np.asarray(fu.features[0]), atol=1e-6)
+  # Teacher features on the student's visible tokens equal the teacher run on those tokens directly.
+  direct = teacher.apply({"params": tp}, x, out.ids_keep, return_blocks=(3,),
+                         method=lambda m, *a, **k: m.encoder(*a, **k))
+  np.testing.assert_allclose(np.asarray(tr.features[0]), np.asarray(direct.blocks[3]), atol=1e-6)
+
+  for mode in ("truncated", "full"):
+    loss_fn = lambda s, t, mode=mode: dmae_loss(student, s, teacher, t, x, rngs, teacher_mode=mode)[0]
+    gs, gt = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(sp, tp)
+    assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree_util.tree_leaves(gt))
+    head_g = gs["head_1_3"]["proj"]["kernel"]
+    block_g = gs["student"]["encoder"]["blocks_0"]["attn"]["query"]["kernel"]
+    assert float(jnp.abs(head_g).max()) > 0 and float(jnp.abs(block_g).max()) > 0
+  total, aux = dmae_loss(student, sp, teacher, tp, x, rngs)
+  np.testing.assert_allclose(float(total), float(aux["pixel_loss"] + aux["distill_loss"]), rtol=1e-6)
