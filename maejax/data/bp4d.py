@@ -1,0 +1,263 @@
+"""BP4D-Spontaneous AU occurrence as a TFDS builder (array_record, random access for grain).
+
+Reads the official folder layout from the manual directory (see `Bp4d.MANUAL_DOWNLOAD_INSTRUCTIONS`), crops
+each labelled frame to a 256×256 face and writes one split per subject part of the 3-fold protocol
+(`maejax.data.folds`): `part1`, `part2`, `part3`. Fold splits are compositions: fold 1 = train "part1+part2",
+test "part3", etc. (`folds.fold_split`). Build with `python -m maejax.data.prepare --dataset=bp4d
+--manual_dir=... --data_dir=...`.
+
+Record (one per labelled frame):
+  image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
+  au           int8 (12,)           occurrence of AUs 1 2 4 6 7 10 12 14 15 17 23 24: 1, 0, −1 = unscored (9)
+  au_intensity float32 (12,)        −1 (BP4D occurrence files carry no intensity)
+  subject      string               "F001"
+  subject_index int32               position in folds.BP4D_SUBJECTS
+  task         string               "T1".."T8"
+  frame        int32                frame number of the label file
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from maejax.data import folds
+from maejax.data.images import BadInputs, encode_image, face_crop, index_frames, load_rgb, read_landmarks_csv
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 256
+NOT_SCORED = 9  # BP4D's code for "not scored"; stored as UNKNOWN.
+UNKNOWN = -1
+
+_LABEL_NAME = re.compile(r"^([FM]\d{3})_(T\d+)\.csv$")
+
+_INSTRUCTIONS = """\
+Put the licensed BP4D-Spontaneous release in the manual directory (--manual_dir) like this:
+
+  <manual_dir>/AUCoding/AU_OCC/<subject>_<task>.csv      e.g. F001_T1.csv (official AU occurrence files)
+  <manual_dir>/<images_subdir>/<subject>/<task>/<frame>.jpg  e.g. 2D+3D/F001/T1/0012.jpg (per-frame images)
+
+images_subdir defaults to "2D+3D" (pass images_subdir=... / --images_subdir=... for another name). Image file
+names are the frame numbers of the CSV's column 0, zero-padded or not; .jpg/.jpeg/.png/.bmp/.webp are
+accepted. Every label file needs its image folder and every labelled frame its image. Images with no label row
+(BP4D codes a segment of each task) are not examples; their count is logged.
+
+Optional landmarks (face boxes from the dataset's tracked points): landmarks_dir=... / --landmarks_dir=...
+holding <subject>_<task>.csv, lines `frame,x1,y1,...,xK,yK` in source-image pixels (optional header line
+starting with "frame"). The crop is then a square of 1.4 × the landmarks' bounding-box size centred on it;
+without landmarks it is the centred square of the image. Either is resized to 256×256.
+"""
+
+
+def read_au_occ_csv(path: str | os.PathLike, aus: tuple[int, ...] = folds.BP4D_AUS) -> dict[int, np.ndarray]:
+  """Parses a BP4D `AU_OCC/<subject>_<task>.csv`.
+
+  Header row of integers (0..99): column with header 0 = frame number, column with header N = AU N. Values
+  0/1, 9 = not scored. Returns {frame: int8 (len(aus),)} with 9 mapped to −1. ValueError naming file and line
+  when the header lacks a wanted AU, a row has the wrong length, a value is not 0/1/9 or a frame repeats.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"BP4D label file not found: {path}")
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    rows = [(i, row) for i, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)]
+  if not rows:
+    raise ValueError(f"{path}: empty label file; expected a header row of integers (0..99) and one row per "
+                     "frame")
+  try:
+    header = [int(float(c)) for c in rows[0][1] if c.strip()]
+  except ValueError:
+    raise ValueError(f"{path}: line 1: header must be integers (0 = frame, N = AU N), got {rows[0][1][:8]}…"
+                     ) from None
+  if not header or header[0] != 0:
+    raise ValueError(f"{path}: line 1: header must start with 0 (the frame-number column), got {header[:3]}")
+  missing = [a for a in aus if a not in header]
+  if missing:
+    raise ValueError(f"{path}: line 1: header has no column for AU(s) {missing}")
+  columns = [header.index(a) for a in aus]
+  labels: dict[int, np.ndarray] = {}
+  for line_no, row in rows[1:]:
+    cells = [c.strip() for c in row]
+    while len(cells) > len(header) and not cells[-1]:
+      cells.pop()  # tolerate trailing commas
+    if len(cells) != len(header):
+      raise ValueError(f"{path}: line {line_no}: {len(cells)} values, header has {len(header)}")
+    try:
+      frame = int(cells[0])
+      values = [int(cells[c]) for c in columns]
+    except ValueError:
+      raise ValueError(f"{path}: line {line_no}: frame and AU values must be integers, got {row[:6]}…"
+                       ) from None
+    bad = [(a, v) for a, v in zip(aus, values, strict=True) if v not in (0, 1, NOT_SCORED)]
+    if bad:
+      raise ValueError(f"{path}: line {line_no}: AU values must be 0, 1 or 9 (not scored); "
+                       f"got (AU, value) {bad}")
+    if frame in labels:
+      raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
+    labels[frame] = np.asarray([UNKNOWN if v == NOT_SCORED else v for v in values], dtype=np.int8)
+  if not labels:
+    raise ValueError(f"{path}: no label rows after the header")
+  return labels
+
+
+class Bp4d(tfds.core.GeneratorBasedBuilder):
+  """BP4D-Spontaneous AU occurrence, one split per fold part: part1, part2, part3."""
+
+  name = "bp4d"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "AU_OCC labels, 12 AUs, 256×256 face crops, per-part splits."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds' default resolves the path through `importlib_resources`, a package tfds does not install.
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, skip_bad: bool = False, images_subdir: str = "2D+3D",
+               landmarks_dir: str | os.PathLike | None = None, **kwargs):
+    """skip_bad: count and log bad inputs instead of raising. images_subdir: folder of per-frame images under
+    the manual dir. landmarks_dir: optional landmarks folder (absolute, or relative to the manual dir)."""
+    self.skip_bad = skip_bad
+    self.images_subdir = images_subdir
+    self.landmarks_dir = landmarks_dir
+    self.bad = BadInputs(skip_bad, what="BP4D inputs")
+    self.num_unlabelled_images = 0
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    n = len(folds.BP4D_AUS)
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="BP4D-Spontaneous facial action unit occurrence (12 AUs), 256×256 face crops.",
+      features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
+        "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
+        "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
+        "subject": tfds.features.Text(),
+        "subject_index": tfds.features.Scalar(dtype=np.int32),
+        "task": tfds.features.Text(),
+        "frame": tfds.features.Scalar(dtype=np.int32),
+      }),
+      homepage="https://www.cs.binghamton.edu/~lijun/Research/3DFE/3DFE_Analysis.html",
+      metadata=tfds.core.MetadataDict(aus=list(folds.BP4D_AUS), parts=[list(p) for p in folds.BP4D_PARTS]),
+    )
+
+  def _split_generators(self, dl_manager):
+    plans = self.scan(Path(dl_manager.manual_dir))
+    return folds.part_splits(plans, self._generate_examples, "BP4D")
+
+  def scan(self, manual_dir: Path) -> dict[int, list[tuple]]:
+    """Reads all labels and lists the images without decoding them. Returns {part: [(key, subject, task,
+    frame, au, image_path, points)]}; raises (or, with skip_bad, counts) every structural problem."""
+    manual_dir = Path(manual_dir)
+    labels_dir = manual_dir / "AUCoding" / "AU_OCC"
+    images_dir = manual_dir / self.images_subdir
+    for d in (labels_dir, images_dir):
+      if not d.is_dir():
+        raise FileNotFoundError(f"BP4D folder not found: {d}\n{_INSTRUCTIONS}")
+    landmarks_dir = None
+    if self.landmarks_dir is not None:
+      landmarks_dir = Path(self.landmarks_dir)
+      if not landmarks_dir.is_absolute():
+        landmarks_dir = manual_dir / landmarks_dir
+      if not landmarks_dir.is_dir():
+        raise FileNotFoundError(f"BP4D landmarks folder not found: {landmarks_dir}")
+
+    bad = self.bad
+    sequences: dict[tuple[str, str], Path] = {}
+    for path in sorted(labels_dir.iterdir()):
+      if path.suffix.lower() != ".csv":
+        continue
+      match = _LABEL_NAME.match(path.name)
+      if not match or match.group(2) not in folds.BP4D_TASKS:
+        bad.report(ValueError(f"{path}: label file name is not <subject>_<task>.csv with task T1..T8"), path)
+        continue
+      sequences[(match.group(1), match.group(2))] = path
+    # Image folders without a label file: the label file is missing.
+    for subject_dir in sorted(p for p in images_dir.iterdir() if p.is_dir()):
+      for task_dir in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
+        if (subject_dir.name, task_dir.name) not in sequences:
+          expected = labels_dir / f"{subject_dir.name}_{task_dir.name}.csv"
+          error = FileNotFoundError(f"Missing label file {expected} for image folder {task_dir}")
+          bad.report(error, expected)
+    if not sequences:
+      raise FileNotFoundError(f"No BP4D label files <subject>_<task>.csv in {labels_dir}\n{_INSTRUCTIONS}")
+
+    plans: dict[int, list[tuple]] = {1: [], 2: [], 3: []}
+    for (subject, task), label_path in sorted(sequences.items()):
+      try:
+        part = folds.part_of("bp4d", subject)
+      except ValueError as e:
+        bad.report(ValueError(f"{label_path}: {e}"), label_path)
+        continue
+      try:
+        labels = read_au_occ_csv(label_path)
+      except ValueError as e:
+        bad.report(e, label_path)
+        continue
+      task_dir = images_dir / subject / task
+      if not task_dir.is_dir():
+        bad.report(FileNotFoundError(f"No image folder {task_dir} for label file {label_path}"), task_dir)
+        continue
+      frames = index_frames(task_dir, bad)
+      points = None
+      if landmarks_dir is not None:
+        lm_path = landmarks_dir / f"{subject}_{task}.csv"
+        try:
+          points = read_landmarks_csv(lm_path)
+        except (FileNotFoundError, ValueError) as e:
+          bad.report(e, lm_path)
+          continue
+      self.num_unlabelled_images += len(set(frames) - set(labels))
+      s_index = folds.subject_index("bp4d", subject)
+      for frame, au in sorted(labels.items()):
+        if frame not in frames:
+          bad.report(FileNotFoundError(
+            f"No image for labelled frame {frame} of {label_path}: expected {task_dir}/{frame}.jpg "
+            f"(zero-padded names like {frame:04d}.jpg also match)"), task_dir / f"{frame}.jpg")
+          continue
+        frame_points = None
+        if points is not None:
+          if frame not in points:
+            bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
+            continue
+          frame_points = points[frame]
+        key = f"{subject}_{task}_{frame}"
+        plans[part].append((key, subject, s_index, task, frame, au, frames[frame], frame_points))
+    if self.num_unlabelled_images:
+      log.info("BP4D: %d images have no label row (outside the AU-coded segments) and are not examples.",
+               self.num_unlabelled_images)
+    return plans
+
+  def _generate_examples(self, plan):
+    nan_intensity = np.full((len(folds.BP4D_AUS),), -1.0, np.float32)
+    for key, subject, s_index, task, frame, au, image_path, points in plan:
+      try:
+        image = load_rgb(image_path)
+      except (FileNotFoundError, ValueError) as e:
+        self.bad.report(e, image_path)
+        continue
+      yield key, {
+        "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
+        "au": au,
+        "au_intensity": nan_intensity,
+        "subject": subject,
+        "subject_index": s_index,
+        "task": task,
+        "frame": frame,
+      }
+
+  def download_and_prepare(self, *args, **kwargs):
+    super().download_and_prepare(*args, **kwargs)
+    self.bad.log()

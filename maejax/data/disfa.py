@@ -1,0 +1,351 @@
+"""DISFA AU intensity/occurrence as a TFDS builder (array_record, random access for grain).
+
+Reads the official layout from the manual directory (see `Disfa.MANUAL_DOWNLOAD_INSTRUCTIONS`): left-camera
+frames either extracted to `frames/<subject>/<frame>.png|jpg` (preferred when present) or decoded from
+`Videos_LeftCamera/LeftVideo<subject>_comp.avi` (needs PyAV `pip install av`, or OpenCV). Each labelled frame
+is cropped to a 256×256 face; one split per subject part of the 3-fold protocol: `part1`, `part2`, `part3`
+(fold k = `folds.fold_split(k, "train" | "test")`, e.g. fold 1 trains on "part1+part2" and tests on "part3").
+
+Record (one per labelled frame):
+  image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
+  au           int8 (8,)            occurrence of AUs 1 2 4 6 9 12 25 26: 1 if intensity >= 2 else 0
+  au_intensity float32 (8,)         the labelled intensity 0..5
+  subject      string               "SN001"
+  subject_index int32               position in folds.DISFA_SUBJECTS
+  task         string               "" (DISFA has no tasks)
+  frame        int32                frame number of the label files (1-based)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from maejax.data import folds
+from maejax.data.images import BadInputs, encode_image, face_crop, index_frames, load_rgb, read_landmarks_csv
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 256
+OCCURRENCE_THRESHOLD = 2  # occurrence = intensity >= 2 (the ME-GraphAU / JAA-Net convention)
+
+_SUBJECT = re.compile(r"^SN\d{3}$")
+
+_INSTRUCTIONS = """\
+Put the licensed DISFA release in the manual directory (--manual_dir) like this:
+
+  <manual_dir>/ActionUnit_Labels/<subject>/<subject>_au<N>.txt
+      e.g. SN001/SN001_au1.txt, lines `frame,intensity`
+  and, per subject, either extracted left-camera frames (used when present)
+  <manual_dir>/frames/<subject>/<frame>.png|jpg
+      file number = label frame number (1-based), zero-padded or not,
+      e.g. ffmpeg -i LeftVideoSN001_comp.avi frames/SN001/%05d.png
+  or the official video (decoded with PyAV `pip install av`, or OpenCV)
+  <manual_dir>/Videos_LeftCamera/LeftVideo<subject>_comp.avi
+      video frame i (0-based) = label frame i + 1
+
+All 8 AU files (AUs 1 2 4 6 9 12 25 26) are needed per subject, labelling the same frames. Frames with no
+label line are not examples; their count is logged.
+
+Optional landmarks: landmarks_dir=... / --landmarks_dir=... holding <subject>.csv, lines
+`frame,x1,y1,...,xK,yK` in source-image pixels (optional header line starting with "frame"). The crop is then
+a square of 1.4 × the landmarks' bounding-box size centred on it; without landmarks it is the centred square.
+Resized to 256×256.
+"""
+
+
+def read_intensity_txt(path: str | os.PathLike) -> dict[int, int]:
+  """Parses a DISFA `<subject>_au<N>.txt`: lines `frame,intensity`, intensity an integer 0..5.
+
+  Returns {frame: intensity}. ValueError naming file and line for a malformed line, an out-of-range intensity
+  or a repeated frame; FileNotFoundError for a missing file.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"DISFA label file not found: {path}")
+  out: dict[int, int] = {}
+  with open(path, encoding="utf-8-sig") as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line:
+        continue
+      cells = [c.strip() for c in line.split(",")]
+      try:
+        if len(cells) != 2:
+          raise ValueError
+        frame, intensity = int(cells[0]), int(cells[1])
+      except ValueError:
+        raise ValueError(f"{path}: line {line_no}: expected `frame,intensity` integers, got {line!r}"
+                         ) from None
+      if not 0 <= intensity <= 5:
+        raise ValueError(f"{path}: line {line_no}: intensity must be 0..5, got {intensity}")
+      if frame in out:
+        raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
+      out[frame] = intensity
+  if not out:
+    raise ValueError(f"{path}: no `frame,intensity` lines")
+  return out
+
+
+def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+  """Decodes a video file frame by frame with PyAV (or OpenCV). Yields uint8 (H, W, 3) RGB.
+
+  Raises ModuleNotFoundError when neither is installed and ValueError naming the file when it cannot be
+  decoded.
+  """
+  path = os.fspath(path)
+  try:
+    import av
+  except ImportError:
+    av = None
+  if av is not None:
+    try:
+      with av.open(path) as container:
+        for frame in container.decode(video=0):
+          yield frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as e:
+      raise ValueError(f"Cannot decode video {path}: {e}") from e
+    return
+  try:
+    import cv2
+  except ImportError:
+    raise ModuleNotFoundError(
+      f"Decoding {path} needs PyAV (`pip install av`) or OpenCV; or extract the frames to "
+      f"frames/<subject>/<frame>.png (see Disfa.MANUAL_DOWNLOAD_INSTRUCTIONS).") from None
+  capture = cv2.VideoCapture(path)
+  if not capture.isOpened():
+    raise ValueError(f"Cannot open video {path}")
+  try:
+    while True:
+      ok, bgr = capture.read()
+      if not ok:
+        break
+      yield np.ascontiguousarray(bgr[..., ::-1])
+  finally:
+    capture.release()
+
+
+class Disfa(tfds.core.GeneratorBasedBuilder):
+  """DISFA AU intensity (0..5) and occurrence (>= 2), one split per fold part: part1, part2, part3."""
+
+  name = "disfa"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Left camera, 8 AUs with intensity, 256×256 face crops, per-part splits."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds' default resolves the path through `importlib_resources`, a package tfds does not install.
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, skip_bad: bool = False, landmarks_dir: str | os.PathLike | None = None, **kwargs):
+    """skip_bad: count and log bad inputs instead of raising. landmarks_dir: optional landmarks folder
+    (absolute, or relative to the manual dir)."""
+    self.skip_bad = skip_bad
+    self.landmarks_dir = landmarks_dir
+    self.bad = BadInputs(skip_bad, what="DISFA inputs")
+    self.num_unlabelled_images = 0
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    n = len(folds.DISFA_AUS)
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="DISFA facial action unit intensity and occurrence (8 AUs), left camera, 256×256 crops.",
+      features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
+        "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
+        "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
+        "subject": tfds.features.Text(),
+        "subject_index": tfds.features.Scalar(dtype=np.int32),
+        "task": tfds.features.Text(),
+        "frame": tfds.features.Scalar(dtype=np.int32),
+      }),
+      homepage="http://mohammadmahoor.com/disfa/",
+      metadata=tfds.core.MetadataDict(aus=list(folds.DISFA_AUS), parts=[list(p) for p in folds.DISFA_PARTS]),
+    )
+
+  def _split_generators(self, dl_manager):
+    plans = self.scan(Path(dl_manager.manual_dir))
+    return folds.part_splits(plans, self._generate_examples, "DISFA")
+
+  def _read_subject_labels(self, labels_dir: Path, subject: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{frame: (au int8 (8,), intensity float32 (8,))} of one subject; frames missing from some AU file are
+    bad inputs."""
+    paths = [labels_dir / subject / f"{subject}_au{au}.txt" for au in folds.DISFA_AUS]
+    tables = [(p, read_intensity_txt(p)) for p in paths]
+    all_frames = sorted(set().union(*(t.keys() for _, t in tables)))
+    out = {}
+    for frame in all_frames:
+      missing = [p for p, t in tables if frame not in t]
+      if missing:
+        has = next(p for p, t in tables if frame in t)
+        error = ValueError(f"{missing[0]}: frame {frame} has no label line (it is labelled in {has})")
+        self.bad.report(error, missing[0])
+        continue
+      intensity = np.asarray([t[frame] for _, t in tables], dtype=np.float32)
+      out[frame] = ((intensity >= OCCURRENCE_THRESHOLD).astype(np.int8), intensity)
+    return out
+
+  def scan(self, manual_dir: Path) -> dict[int, list[tuple]]:
+    """Reads all labels and lists frame images / videos without decoding them.
+
+    Returns {part: [(key, subject, subject_index, frame, au, intensity, source, points)]}, source being
+    ("image", path) or ("video", path, frame index)."""
+    manual_dir = Path(manual_dir)
+    labels_dir = manual_dir / "ActionUnit_Labels"
+    frames_dir = manual_dir / "frames"
+    videos_dir = manual_dir / "Videos_LeftCamera"
+    if not labels_dir.is_dir():
+      raise FileNotFoundError(f"DISFA folder not found: {labels_dir}\n{_INSTRUCTIONS}")
+    if not frames_dir.is_dir() and not videos_dir.is_dir():
+      raise FileNotFoundError(f"DISFA needs {frames_dir} or {videos_dir}; neither exists.\n{_INSTRUCTIONS}")
+    landmarks_dir = None
+    if self.landmarks_dir is not None:
+      landmarks_dir = Path(self.landmarks_dir)
+      if not landmarks_dir.is_absolute():
+        landmarks_dir = manual_dir / landmarks_dir
+      if not landmarks_dir.is_dir():
+        raise FileNotFoundError(f"DISFA landmarks folder not found: {landmarks_dir}")
+
+    bad = self.bad
+    subjects = []
+    for d in sorted(p for p in labels_dir.iterdir() if p.is_dir()):
+      if not _SUBJECT.match(d.name):
+        bad.report(ValueError(f"{d}: label folder name is not a DISFA subject id like SN001"), d)
+        continue
+      subjects.append(d.name)
+    # Frames or videos without labels: the label files are missing.
+    with_images = set()
+    if frames_dir.is_dir():
+      with_images |= {p.name for p in frames_dir.iterdir() if p.is_dir()}
+    if videos_dir.is_dir():
+      with_images |= {m.group(1) for p in videos_dir.iterdir()
+                      if (m := re.match(r"^LeftVideo(SN\d{3})_comp\.avi$", p.name))}
+    for subject in sorted(with_images - set(subjects)):
+      expected = labels_dir / subject / f"{subject}_au1.txt"
+      error = FileNotFoundError(f"Missing label files {expected} (and the other AUs) for subject {subject}, "
+                                "whose frames/video exist")
+      bad.report(error, expected)
+    if not subjects:
+      raise FileNotFoundError(f"No DISFA subject folders SN### in {labels_dir}\n{_INSTRUCTIONS}")
+
+    plans: dict[int, list[tuple]] = {1: [], 2: [], 3: []}
+    for subject in subjects:
+      try:
+        part = folds.part_of("disfa", subject)
+      except ValueError as e:
+        bad.report(ValueError(f"{labels_dir / subject}: {e}"), labels_dir / subject)
+        continue
+      try:
+        labels = self._read_subject_labels(labels_dir, subject)
+      except (FileNotFoundError, ValueError) as e:
+        bad.report(e)
+        continue
+      points = None
+      if landmarks_dir is not None:
+        lm_path = landmarks_dir / f"{subject}.csv"
+        try:
+          points = read_landmarks_csv(lm_path)
+        except (FileNotFoundError, ValueError) as e:
+          bad.report(e, lm_path)
+          continue
+      subject_frames = frames_dir / subject
+      video = videos_dir / f"LeftVideo{subject}_comp.avi"
+      if subject_frames.is_dir():
+        images = index_frames(subject_frames, bad)
+        self.num_unlabelled_images += len(set(images) - set(labels))
+      elif video.is_file():
+        images = None
+      else:
+        error = FileNotFoundError(f"No frames for {subject}: expected {subject_frames}/ or {video}")
+        bad.report(error, video)
+        continue
+      s_index = folds.subject_index("disfa", subject)
+      for frame, (au, intensity) in sorted(labels.items()):
+        if images is None:
+          source = ("video", video, frame - 1)
+        elif frame in images:
+          source = ("image", images[frame])
+        else:
+          bad.report(FileNotFoundError(
+            f"No image for labelled frame {frame} of {labels_dir / subject}: expected "
+            f"{subject_frames}/{frame}.png (or .jpg, zero-padded names also match)"),
+            subject_frames / f"{frame}.png")
+          continue
+        frame_points = None
+        if points is not None:
+          if frame not in points:
+            bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
+            continue
+          frame_points = points[frame]
+        key = f"{subject}_{frame}"
+        plans[part].append((key, subject, s_index, frame, au, intensity, source, frame_points))
+    if self.num_unlabelled_images:
+      log.info("DISFA: %d frame images have no label line and are not examples.", self.num_unlabelled_images)
+    return plans
+
+  def _images(self, plan) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (plan item, uint8 (H, W, 3) image) for the readable items of `plan`; each video decoded once."""
+    i = 0
+    while i < len(plan):
+      item = plan[i]
+      source = item[6]
+      if source[0] == "image":
+        i += 1
+        try:
+          yield item, load_rgb(source[1])
+        except (FileNotFoundError, ValueError) as e:
+          self.bad.report(e, source[1])
+        continue
+      # A run of items of the same video, in increasing frame order.
+      video = source[1]
+      run = []
+      while i < len(plan) and plan[i][6][0] == "video" and plan[i][6][1] == video:
+        run.append(plan[i])
+        i += 1
+      wanted = {it[6][2]: it for it in run}
+      seen = 0
+      try:
+        for index, image in enumerate(iter_video_frames(video)):
+          seen = index + 1
+          if index in wanted:
+            yield wanted.pop(index), image
+          else:
+            self.num_unlabelled_images += 1
+      except ValueError as e:
+        error = ValueError(f"{e} (after {seen} frames; {len(wanted)} labelled frames not read)")
+        self.bad.report(error, video)
+        continue
+      if wanted:
+        first = min(wanted)
+        self.bad.report(FileNotFoundError(
+          f"{video} has {seen} frames but labels go up to frame {max(wanted) + 1}: {len(wanted)} labelled "
+          f"frames (from label frame {first + 1}) have no image"), video)
+
+  def _generate_examples(self, plan):
+    for item, image in self._images(plan):
+      key, subject, s_index, frame, au, intensity, _, points = item
+      yield key, {
+        "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
+        "au": au,
+        "au_intensity": intensity,
+        "subject": subject,
+        "subject_index": s_index,
+        "task": "",
+        "frame": frame,
+      }
+
+  def download_and_prepare(self, *args, **kwargs):
+    super().download_and_prepare(*args, **kwargs)
+    self.bad.log()

@@ -1,0 +1,327 @@
+"""Image sources for MAE pretraining, and the image helpers shared by the AU dataset builders.
+
+Sources (random access, grain-ready: `len(src)`, `src[i] -> {"image": uint8 (H, W, 3)}`):
+  * `ImageFolderSource(root)`: every jpg/jpeg/png/bmp/webp under `root` (recursive), sorted by relative path,
+    decoded with Pillow and converted to RGB.
+  * `TfdsImageSource(name, split=..., data_dir=...)`: any TFDS image dataset prepared in array_record format
+    (e.g. "imagenet2012"), read with `tfds.data_source`, returning the same record format.
+  * `open_image_source("tfds:imagenet2012:train" | "/path/to/folder")` picks one of the two.
+
+Bad inputs follow one policy everywhere in `maejax.data`: an unreadable or corrupt file raises an error naming
+it; only when the caller passes `skip_bad=True` is it skipped, and every skip is counted and logged
+(`BadInputs`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+log = logging.getLogger(__name__)
+
+
+class BadInputs:
+  """Raises on a bad input, or — with `skip_bad` — counts it and remembers the first few for the log.
+
+  Usage: `bad.report(FileNotFoundError(f"{path}: ..."), path)` raises the error unless `skip_bad`, in which
+  case it returns and the caller skips the item. `bad.summary()` is the line to log at the end.
+  """
+
+  def __init__(self, skip_bad: bool, what: str = "inputs", keep: int = 5):
+    self.skip_bad = bool(skip_bad)
+    self.what = what
+    self.keep = keep
+    self.count = 0
+    self.examples: list[str] = []
+
+  def report(self, error: Exception, path: Any = None) -> None:
+    if not self.skip_bad:
+      raise error
+    self.count += 1
+    if len(self.examples) < self.keep:
+      line = f"{path}: {error}" if path is not None and str(path) not in str(error) else str(error)
+      self.examples.append(line)
+      log.warning("skip_bad: skipping %s", line)
+
+  def summary(self) -> str:
+    if not self.count:
+      return f"skipped 0 bad {self.what}"
+    first = "\n  ".join(self.examples)
+    return f"skipped {self.count} bad {self.what} (skip_bad=True); first {len(self.examples)}:\n  {first}"
+
+  def log(self) -> None:
+    if self.count:
+      log.warning("%s", self.summary())
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+  """Decodes an image file fully with Pillow. Returns uint8 (H, W, 3) RGB.
+
+  Raises FileNotFoundError for a missing file and ValueError naming the file for a corrupt/unreadable one.
+  """
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      return np.asarray(_to_rgb(img), dtype=np.uint8)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"Image file not found: {path}") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"Cannot decode image {path}: {e}") from e
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+  if img.mode == "RGB":
+    return img
+  if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
+    # Composite onto black so transparent pixels do not carry arbitrary colour values.
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+  return img.convert("RGB")
+
+
+def centre_square_box(height: int, width: int) -> tuple[float, float, float, float]:
+  """The largest centred square of an (height, width) image as (left, top, right, bottom)."""
+  side = min(height, width)
+  left = (width - side) / 2
+  top = (height - side) / 2
+  return left, top, left + side, top + side
+
+
+def landmark_box(points: np.ndarray, margin: float = 1.4) -> tuple[float, float, float, float]:
+  """Square face box from 2-D landmarks `points: (K, 2)` as (x, y) pixels: centred on the landmarks' bounding
+  box, side = margin · max(box width, box height). Returns (left, top, right, bottom); may extend past the
+  image.
+  """
+  points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+  lo, hi = points.min(axis=0), points.max(axis=0)
+  cx, cy = (lo + hi) / 2
+  half = margin * float(max(hi - lo)) / 2
+  if half <= 0:
+    raise ValueError(f"Degenerate landmarks (all points equal): {points.tolist()}")
+  return cx - half, cy - half, cx + half, cy + half
+
+
+def crop_resize(image: np.ndarray, box: tuple[float, float, float, float], size: int = 256) -> np.ndarray:
+  """Crops `box` = (left, top, right, bottom) from `image: uint8 (H, W, 3)` and resizes it to (size, size, 3).
+
+  Areas of the box outside the image are black. Resampling is Pillow's antialiased bilinear.
+  """
+  left, top, right, bottom = (int(round(v)) for v in box)
+  pil = Image.fromarray(image).crop((left, top, right, bottom))
+  return np.asarray(pil.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def read_landmarks_csv(path: str | os.PathLike) -> dict[int, np.ndarray]:
+  """Reads a landmarks file: one line per frame, `frame,x1,y1,x2,y2,...,xK,yK` (pixels of the source image,
+  any number K >= 2 of points, same K on every line); an optional first line starting with "frame" is a
+  header.
+
+  Returns {frame number: float32 (K, 2) array of (x, y)}; ValueError naming the file and line when malformed.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"Landmarks file not found: {path} (expected lines frame,x1,y1,...,xK,yK)")
+  out: dict[int, np.ndarray] = {}
+  num_values = None
+  with open(path, encoding="utf-8-sig") as f:
+    for line_no, line in enumerate(f, start=1):
+      line = line.strip()
+      if not line or (line_no == 1 and line.lower().startswith("frame")):
+        continue
+      cells = line.split(",")
+      try:
+        frame = int(cells[0])
+        values = [float(c) for c in cells[1:]]
+      except ValueError:
+        raise ValueError(f"{path}: line {line_no}: expected frame,x1,y1,...,xK,yK numbers, got {line!r}"
+                         ) from None
+      if len(values) < 4 or len(values) % 2 or (num_values is not None and len(values) != num_values):
+        raise ValueError(f"{path}: line {line_no}: expected an even number (>= 4, same on every line) of "
+                         f"coordinates after the frame number, got {len(values)}")
+      if frame in out:
+        raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
+      num_values = len(values)
+      out[frame] = np.asarray(values, dtype=np.float32).reshape(-1, 2)
+  return out
+
+
+def face_crop(image: np.ndarray, points: np.ndarray | None, size: int = 256) -> np.ndarray:
+  """The face crop of the AU datasets: `landmark_box(points)` when landmarks are given, else the centred
+  square; resized to (size, size, 3) uint8. `image: uint8 (H, W, 3)`, `points: (K, 2)` (x, y) or None.
+  """
+  if points is None:
+    box = centre_square_box(*image.shape[:2])
+  else:
+    box = landmark_box(points)
+  return crop_resize(image, box, size)
+
+
+def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
+  """Encodes `image: uint8 (H, W, 3)` as JPEG (given quality, 4:4:4) or PNG bytes with Pillow."""
+  buf = io.BytesIO()
+  pil = Image.fromarray(np.asarray(image, dtype=np.uint8))
+  if fmt == "jpeg":
+    pil.save(buf, format="JPEG", quality=quality, subsampling=0)
+  elif fmt == "png":
+    pil.save(buf, format="PNG")
+  else:
+    raise ValueError(f"Unknown image format {fmt!r}; expected 'jpeg' or 'png'.")
+  return buf.getvalue()
+
+
+def index_frames(folder: Path, bad: BadInputs) -> dict[int, Path]:
+  """Maps frame number -> image path for the image files of `folder` named `<frame number>.<ext>`.
+
+  Zero padding is ignored ("0012.jpg" and "12.jpg" are frame 12). Files with other extensions are ignored; an
+  image whose stem is not an integer, or two files with the same frame number, is a bad input (ValueError
+  naming it).
+  """
+  frames: dict[int, Path] = {}
+  for path in sorted(folder.iterdir()):
+    if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+      continue
+    try:
+      number = int(path.stem)
+    except ValueError:
+      bad.report(ValueError(f"{path}: image name is not a frame number (expected e.g. 0012.jpg)"), path)
+      continue
+    if number in frames:
+      bad.report(ValueError(f"{path}: frame {number} also stored as {frames[number]}"), path)
+      continue
+    frames[number] = path
+  return frames
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+  """All image files (IMAGE_EXTENSIONS, any case) under `root`, recursively, sorted by relative path."""
+  root = Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"Image folder not found: {root}")
+  found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+  return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderSource(Sequence):
+  """Random-access source over a folder of (face) images, for MAE pretraining.
+
+  `src[i] -> {"image": uint8 (H, W, 3)}` (RGB, original size); order = sorted relative paths, so it is
+  deterministic across machines. A corrupt file raises ValueError naming it when read. With `skip_bad=True`
+  every file is decoded once at construction and the bad ones are left out, counted (`self.bad.count`) and
+  logged.
+  """
+
+  def __init__(self, root: str | os.PathLike, *, skip_bad: bool = False):
+    self.root = Path(root)
+    paths = list_images(self.root)
+    if not paths:
+      raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+    self.bad = BadInputs(skip_bad, what="images")
+    if skip_bad:
+      good = []
+      for p in paths:
+        try:
+          load_rgb(p)
+        except (FileNotFoundError, ValueError) as e:
+          self.bad.report(e, p)
+          continue
+        good.append(p)
+      self.bad.log()
+      paths = good
+      if not paths:
+        raise ValueError(f"All {self.bad.count} images under {self.root} are unreadable.")
+    self._paths = [os.fspath(p) for p in paths]
+
+  @property
+  def paths(self) -> list[str]:
+    return list(self._paths)
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} images")
+    return {"image": load_rgb(self._paths[index])}
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource(root={os.fspath(self.root)!r}, len={len(self)})"
+
+
+def _as_rgb_array(image: Any, where: str) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"{where}: expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f"{where}: expected an image of shape (H, W, 1|3|4), got {image.shape}")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  elif image.shape[-1] == 4:
+    image = image[..., :3]
+  return image
+
+
+class TfdsImageSource(Sequence):
+  """A TFDS image dataset (array_record, e.g. "imagenet2012") as `src[i] -> {"image": uint8 (H, W, 3)}`.
+
+  Opens `tfds.data_source(name, split=split, data_dir=data_dir)` lazily, so the object pickles into grain
+  worker processes. Grey images are repeated to 3 channels and an alpha channel is dropped.
+  """
+
+  def __init__(self, name: str, *, split: str = "train", data_dir: str | os.PathLike | None = None,
+               image_key: str = "image"):
+    self.name = name
+    self.split = split
+    self.data_dir = None if data_dir is None else os.fspath(data_dir)
+    self.image_key = image_key
+    self._source = None
+    self._len = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds
+
+      self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir)
+    return self._source
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_source"] = None
+    return state
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+    record = self._open()[index]
+    if self.image_key not in record:
+      raise ValueError(f"TFDS dataset {self.name!r} has no feature {self.image_key!r}; "
+                       f"features: {sorted(record)}")
+    where = f"{self.name}[{self.split}][{index}][{self.image_key!r}]"
+    return {"image": _as_rgb_array(record[self.image_key], where)}
+
+  def __repr__(self) -> str:
+    return f"TfdsImageSource(name={self.name!r}, split={self.split!r}, len={len(self)})"
+
+
+def open_image_source(spec: str, *, data_dir: str | os.PathLike | None = None,
+                      skip_bad: bool = False) -> ImageFolderSource | TfdsImageSource:
+  """`"tfds:<name>[:<split>]"` -> TfdsImageSource (split defaults to "train"); else a folder path."""
+  if spec.startswith("tfds:"):
+    _, name, *rest = spec.split(":", 2)
+    if not name:
+      raise ValueError(f"Bad image source {spec!r}; expected tfds:<name>[:<split>].")
+    return TfdsImageSource(name, split=rest[0] if rest else "train", data_dir=data_dir)
+  return ImageFolderSource(spec, skip_bad=skip_bad)
