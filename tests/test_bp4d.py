@@ -92,12 +92,12 @@ def built(tmp_path_factory):
 
 
 def _check_record(record, truth):
-  subject, task, frame = record["subject"].decode(), record["task"].decode(), int(record["frame"])
+  subject, task, frame = record["subject_id"].decode(), record["task"].decode(), int(record["frame"])
   gt = truth[(subject, task, frame)]
   np.testing.assert_array_equal(record["au"], gt["au"])
   assert record["au"].dtype == np.int8 and record["au"].shape == (12,)
   np.testing.assert_array_equal(record["au_intensity"], np.full(12, -1, np.float32))
-  assert record["subject_index"] == folds.BP4D_SUBJECTS.index(subject)
+  assert record["subject"] == folds.BP4D_SUBJECTS.index(subject)
   image = record["image"]
   assert image.shape == (256, 256, 3) and image.dtype == np.uint8
   # Centre crop = the flat colour square; the near-black border must not leak in.
@@ -127,8 +127,8 @@ def test_build_and_read_back(built):
   # Fold splits compose parts.
   fold1_train = data_source("bp4d", "fold1_train", data_dir=data_dir)
   assert len(fold1_train) == 20
-  assert {r["subject"] for r in fold1_train} == {b"F001", b"M011"}
-  assert {r["subject"] for r in data_source("bp4d", "fold1_test", data_dir=data_dir)} == {b"F007"}
+  assert {r["subject_id"] for r in fold1_train} == {b"F001", b"M011"}
+  assert {r["subject_id"] for r in data_source("bp4d", "fold1_test", data_dir=data_dir)} == {b"F007"}
   assert builder.info.metadata["aus"] == list(BP4D_AUS)
 
 

@@ -10,8 +10,8 @@ Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (12,)           occurrence of AUs 1 2 4 6 7 10 12 14 15 17 23 24: 1, 0, −1 = unscored (9)
   au_intensity float32 (12,)        −1 (BP4D occurrence files carry no intensity)
-  subject      string               "F001"
-  subject_index int32               position in folds.BP4D_SUBJECTS
+  subject      int32                position of the subject in folds.BP4D_SUBJECTS (as synthfaces' int subject)
+  subject_id   string               "F001"
   task         string               "T1".."T8"
   frame        int32                frame number of the label file
 """
@@ -144,8 +144,8 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
         "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
         "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
         "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
-        "subject": tfds.features.Text(),
-        "subject_index": tfds.features.Scalar(dtype=np.int32),
+        "subject": tfds.features.Scalar(dtype=np.int32),
+        "subject_id": tfds.features.Text(),
         "task": tfds.features.Text(),
         "frame": tfds.features.Scalar(dtype=np.int32),
       }),
@@ -252,8 +252,8 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
         "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
         "au": au,
         "au_intensity": nan_intensity,
-        "subject": subject,
-        "subject_index": s_index,
+        "subject": s_index,
+        "subject_id": subject,
         "task": task,
         "frame": frame,
       }

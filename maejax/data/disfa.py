@@ -10,8 +10,8 @@ Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (8,)            occurrence of AUs 1 2 4 6 9 12 25 26: 1 if intensity >= 2 else 0
   au_intensity float32 (8,)         the labelled intensity 0..5
-  subject      string               "SN001"
-  subject_index int32               position in folds.DISFA_SUBJECTS
+  subject      int32                position of the subject in folds.DISFA_SUBJECTS (as synthfaces' int subject)
+  subject_id   string               "SN001"
   task         string               "" (DISFA has no tasks)
   frame        int32                frame number of the label files (1-based)
 """
@@ -166,8 +166,8 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
         "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
         "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
         "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
-        "subject": tfds.features.Text(),
-        "subject_index": tfds.features.Scalar(dtype=np.int32),
+        "subject": tfds.features.Scalar(dtype=np.int32),
+        "subject_id": tfds.features.Text(),
         "task": tfds.features.Text(),
         "frame": tfds.features.Scalar(dtype=np.int32),
       }),
@@ -340,8 +340,8 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
         "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
         "au": au,
         "au_intensity": intensity,
-        "subject": subject,
-        "subject_index": s_index,
+        "subject": s_index,
+        "subject_id": subject,
         "task": "",
         "frame": frame,
       }
