@@ -10,7 +10,7 @@ Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (12,)           occurrence of AUs 1 2 4 6 7 10 12 14 15 17 23 24: 1, 0, −1 = unscored (9)
   au_intensity float32 (12,)        −1 (BP4D occurrence files carry no intensity)
-  subject      int32                position of the subject in folds.BP4D_SUBJECTS (as synthfaces' int subject)
+  subject      int32                index in folds.BP4D_SUBJECTS (int, like synthfaces)
   subject_id   string               "F001"
   task         string               "T1".."T8"
   frame        int32                frame number of the label file

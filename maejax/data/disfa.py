@@ -10,7 +10,7 @@ Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (8,)            occurrence of AUs 1 2 4 6 9 12 25 26: 1 if intensity >= 2 else 0
   au_intensity float32 (8,)         the labelled intensity 0..5
-  subject      int32                position of the subject in folds.DISFA_SUBJECTS (as synthfaces' int subject)
+  subject      int32                index in folds.DISFA_SUBJECTS (int, like synthfaces)
   subject_id   string               "SN001"
   task         string               "" (DISFA has no tasks)
   frame        int32                frame number of the label files (1-based)
