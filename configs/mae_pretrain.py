@@ -1,0 +1,68 @@
+"""MAE pretraining. ``--config=configs/mae_pretrain.py`` (tiny CPU default on synthetic faces) or
+``:vit_b`` / ``:vit_l`` / ``:vit_h`` (the paper's recipe at 224 px)."""
+
+import ml_collections
+
+try:
+  from configs import common
+except ImportError:  # loaded by path through config_flags
+  import importlib.util
+  import os
+  _spec = importlib.util.spec_from_file_location("_maejax_cfg_common",
+                                                 os.path.join(os.path.dirname(__file__), "common.py"))
+  common = importlib.util.module_from_spec(_spec)
+  _spec.loader.exec_module(common)
+
+VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
+
+
+def model(size: str | None, img_size: int, patch_size: int, **kw) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.size = size or ""
+  m.img_size = img_size
+  m.patch_size = patch_size
+  m.width = kw.get("width")
+  m.depth = kw.get("depth")
+  m.num_heads = kw.get("num_heads")
+  m.mlp_ratio = 4.0
+  m.decoder_width = kw.get("decoder_width", 512)
+  m.decoder_depth = kw.get("decoder_depth", 8)
+  m.decoder_heads = kw.get("decoder_heads", 16)
+  m.norm_pix_loss = True
+  m.mask_ratio = 0.75
+  m.drop_path = 0.0
+  m.dtype = "float32"  # "bfloat16" computes in bf16 with fp32 params
+  m.remat = False
+  m.mask_token_in_encoder = False  # the paper's no-skipping baseline
+  return m
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg)
+  variant = args.get("variant", "tiny")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown mae_pretrain variant {variant!r}; expected one of {VARIANTS}")
+  c = common.base("mae_pretrain")
+  if variant == "tiny":
+    # ~1 M parameters at 64 px (64 patches of 8x8): learns visibly in a few CPU minutes.
+    c.model = model(None, 64, 8, width=128, depth=4, num_heads=4, decoder_width=96, decoder_depth=2,
+                    decoder_heads=4)
+    c.optim = common.adamw(base_lr=1.5e-3, weight_decay=0.05, warmup_steps=20)
+    c.batch_size = 64
+    c.total_steps = 300
+    c.eval_every = 150
+    c.checkpoint_every = 100
+  else:
+    size = {"vit_b": "B", "vit_l": "L", "vit_h": "H"}[variant]
+    c.model = model(size, 224, 14 if size == "H" else 16)
+    c.data = common.synthfaces(224)
+    c.optim = common.adamw(base_lr=1.5e-4, weight_decay=0.05, warmup_steps=40 * 312)  # 40 ImageNet epochs
+    c.batch_size = 4096
+    c.total_steps = 800 * 312  # 800 epochs of ImageNet-1k at batch 4096
+    c.model.dtype = "bfloat16"
+    c.log_every = 100
+    c.eval_every = 5000
+    c.checkpoint_every = 2000
+  if "steps" in args:
+    c.total_steps = int(args["steps"])
+  return c

@@ -1,0 +1,178 @@
+"""grain input pipelines: random-access source → shuffle → augment → batch → split across JAX processes.
+
+Order of operations (and why):
+  ``MapDataset.source(src).shuffle(seed).repeat(epochs)``  a new permutation every epoch;
+  ``.random_map(augment, seed)``   per-element rng derived from the element's global position, so an example is
+                                   augmented identically whatever the number of processes;
+  ``.batch(per_process_batch)[process_index::process_count]``   global batch ``t`` is the concatenation of the
+                                   processes' ``t``-th local batches = elements ``t·G … t·G+G−1`` of the global
+                                   stream, the same as a single process reading batch ``G``. Per epoch every
+                                   example is read exactly once, by exactly one process.
+  ``.to_iter_dataset()`` (+ ``mp_prefetch`` worker processes)  whose state grain checkpoints with Orbax.
+
+Images leave the pipeline as uint8 (4× less host→device traffic); :func:`normalize` runs on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize(images_uint8: jax.Array) -> jax.Array:
+  """``(B, H, W, 3)`` uint8 → float32 normalised with the ImageNet mean/std (as the official MAE)."""
+  x = images_uint8.astype(jnp.float32) / 255.0
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def denormalize(images: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`normalize`, to uint8."""
+  x = np.asarray(images, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- augmentations
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            scale: tuple[float, float] = (0.2, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop box ``(top, left, h, w)``: 10 tries of area ∈ scale, log-uniform aspect
+  ratio; else the centre crop clamped to ``ratio``."""
+  area = height * width
+  log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = float(np.exp(rng.uniform(*log_ratio)))
+    w = int(round(np.sqrt(target * aspect)))
+    h = int(round(np.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    h, w = height, int(round(height * ratio[1]))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEAugment:
+  """RandomResizedCrop(scale 0.2–1, bicubic) + horizontal flip, as the official MAE pretraining."""
+
+  size: int
+  scale: tuple[float, float] = (0.2, 1.0)
+  flip: bool = True
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image = _as_rgb(record["image"])
+    top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.scale)
+    pil = Image.fromarray(image[top:top + h, left:left + w])
+    out = np.asarray(pil.resize((self.size, self.size), Image.BICUBIC))
+    if self.flip and rng.random() < 0.5:
+      out = out[:, ::-1]
+    return {"image": np.ascontiguousarray(out)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+  """Deterministic resize to ``size`` (evaluation)."""
+
+  size: int
+
+  def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    image = _as_rgb(record["image"])
+    if image.shape[:2] != (self.size, self.size):
+      image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
+    return {**{k: v for k, v in record.items() if k != "image"}, "image": image}
+
+
+def _as_rgb(image: Any) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = np.repeat(image[:, :, None], 3, axis=2)
+  if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image (H, W, 3), got dtype {image.dtype} shape {image.shape}")
+  return image[:, :, :3]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def make_source(cfg: ml_collections.ConfigDict, split: str = "train") -> Any:
+  """A random-access source from ``config.data``: ``synthfaces`` (default, no disk), ``folder`` (any folder
+  of images) or ``tfds`` (a prepared TFDS dataset, e.g. imagenet2012 or the BP4D/DISFA builders)."""
+  name = cfg.name
+  if name == "synthfaces":
+    from maejax.data import synthfaces
+    train, test = synthfaces.train_test_subjects(cfg.num_subjects, cfg.get("test_fraction", 0.25),
+                                                 seed=cfg.seed)
+    subjects = {"train": train, "test": test, "all": None}
+    if split not in subjects:
+      raise ValueError(f"synthfaces split must be one of {sorted(subjects)}, got {split!r}")
+    return synthfaces.SynthFaces(seed=cfg.seed, num_subjects=cfg.num_subjects,
+                                 frames_per_subject=cfg.frames_per_subject, image_size=cfg.image_size,
+                                 subjects=subjects[split])
+  if name == "folder":
+    from maejax.data import images
+    return images.ImageFolder(cfg.path)
+  if name == "tfds":
+    import tensorflow_datasets as tfds
+    return tfds.data_source(cfg.tfds_name, split=split, data_dir=cfg.get("data_dir") or None)
+  raise ValueError(f"config.data.name must be 'synthfaces', 'folder' or 'tfds', got {name!r}")
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def build(source: Any, *, global_batch_size: int, seed: int, augment: Any | None = None,
+          random_augment: bool = True, shuffle: bool = True, num_epochs: int | None = None,
+          process_index: int | None = None, process_count: int | None = None, worker_count: int = 0,
+          drop_remainder: bool = True) -> grain.IterDataset:
+  """The pipeline described in the module docstring; yields dicts of per-process numpy batches."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
+                     "processes")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if augment is not None:
+    ds = ds.random_map(augment, seed=seed + 1) if random_augment else ds.map(augment)
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  it = ds.to_iter_dataset()
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def mae_pipeline(data_cfg: ml_collections.ConfigDict, global_batch_size: int, img_size: int, seed: int,
+                 split: str = "train", **kw) -> grain.IterDataset:
+  """Images for MAE pretraining / distillation: RandomResizedCrop + flip, uint8 ``(b, S, S, 3)``."""
+  src = make_source(data_cfg, split)
+  return build(src, global_batch_size=global_batch_size, seed=seed,
+               augment=MAEAugment(img_size, tuple(data_cfg.get("crop_scale", (0.2, 1.0)))),
+               worker_count=data_cfg.get("worker_count", 0), **kw)
+
+
+def fixed_images(source: Any, indices: Sequence[int], size: int) -> np.ndarray:
+  """A few deterministic images ``(n, S, S, 3)`` uint8, e.g. for reconstruction PNGs."""
+  resize = Resize(size)
+  return np.stack([resize(source[int(i)])["image"] for i in indices])

@@ -1,0 +1,88 @@
+"""Stage 1: MAE pretraining (He et al.): 75 % masking, norm-pix MSE on masked patches."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from maejax import viz
+from maejax.data import pipeline
+from maejax.models.mae import MAE
+from maejax.models.vit import patchify, unpatchify, vit_size
+from maejax.trainers import common
+
+MODEL_KEYS = ("img_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "decoder_width",
+              "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_ratio", "drop_path")
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """JSON-able MAE hyper-parameters from ``config.model`` (``size`` fills width/depth/heads)."""
+  out = {k: cfg[k] for k in MODEL_KEYS if k in cfg and cfg[k] is not None}
+  if cfg.get("size"):
+    out = {**vit_size(cfg.size), **out}
+  return out
+
+
+def build_model(cfg: ml_collections.ConfigDict | dict, **overrides) -> MAE:
+  """MAE from ``config.model`` (or a saved model config dict)."""
+  if isinstance(cfg, ml_collections.ConfigDict):
+    mc = model_config(cfg)
+    extra = {"dtype": jnp.dtype(cfg.get("dtype", "float32")), "remat": cfg.get("remat", False),
+             "mask_token_in_encoder": cfg.get("mask_token_in_encoder", False)}
+  else:
+    mc, extra = {k: v for k, v in cfg.items() if k in MODEL_KEYS}, {}
+  return MAE(**{**mc, **extra, **overrides})
+
+
+def mae_loss_fn(model: MAE):
+  def loss_fn(params, extra, batch, rng):
+    images = pipeline.normalize(batch["image"])
+    rngs = {"masking": jax.random.fold_in(rng, 0), "dropout": jax.random.fold_in(rng, 1)}
+    out = model.apply({"params": params}, images, train=True, rngs=rngs)
+    return out.loss, ({"loss": out.loss}, extra)
+  return loss_fn
+
+
+def reconstruction_figure(model: MAE, params, images_uint8: np.ndarray, path: str, seed: int = 0) -> str:
+  """original / masked / reconstruction PNG for fixed images and fixed masking noise."""
+  images = pipeline.normalize(jnp.asarray(images_uint8))
+  noise = jax.random.uniform(jax.random.PRNGKey(seed), (images.shape[0], model.num_patches))
+  out = model.apply({"params": params}, images, noise)
+  recon = model.apply({"params": params}, out, images, method=MAE.reconstruct)
+  p = model.patch_size
+  mask = np.asarray(out.mask)[:, :, None]
+  orig_p = np.asarray(patchify(images, p))
+  masked = unpatchify(jnp.asarray(orig_p * (1 - mask) + mask * orig_p.min()), p)
+  pasted = unpatchify(jnp.asarray(orig_p * (1 - mask) + np.asarray(patchify(recon, p)) * mask), p)
+  return viz.mae_reconstruction_grid(np.asarray(images_uint8), pipeline.denormalize(np.asarray(masked)),
+                                     pipeline.denormalize(np.asarray(pasted)), path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
+  """Runs MAE pretraining into ``workdir`` (resuming when it has a checkpoint)."""
+  model = build_model(config.model)
+  mesh = common.make_mesh(config.mesh)
+  img = model.img_size
+  dummy = jnp.zeros((1, img, img, model.in_chans), jnp.float32)
+  init_fn = lambda r: model.init({"params": r, "masking": r}, dummy)
+  tx, _ = common.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  trainer = common.create_trainer(init_fn, mae_loss_fn(model), tx, mesh, config.sharding_rules, config.seed,
+                                  config.get("grad_accum_steps", 1))
+  data = iter(pipeline.mae_pipeline(config.data, config.batch_size, img, config.seed))
+  fixed = pipeline.fixed_images(pipeline.make_source(config.data, "test"), config.get("viz_indices", (0, 1)),
+                                img)
+
+  def eval_fn(state, step):
+    if jax.process_index() == 0:
+      path = os.path.join(workdir, f"reconstruction_{step:06d}.png")
+      reconstruction_figure(model, jax.device_get(state.params), fixed, path, config.seed)
+      logging.info("wrote %s", path)
+
+  return common.train_loop(trainer, data, config.total_steps, workdir, config, model_config(config.model),
+                           eval_fn=eval_fn, name="mae")
