@@ -1,7 +1,12 @@
 """BP4D: fold lists, label parsing, and the TFDS builder on a generated tree in the official layout."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 from fixtures_au import BP4D_AUS, WIDTH, corrupt, face_image, make_bp4d, write_image
@@ -130,6 +135,9 @@ def test_build_and_read_back(built):
   assert {r["subject_id"] for r in fold1_train} == {b"F001", b"M011"}
   assert {r["subject_id"] for r in data_source("bp4d", "fold1_test", data_dir=data_dir)} == {b"F007"}
   assert builder.info.metadata["aus"] == list(BP4D_AUS)
+  # The source plugs straight into grain.
+  batch = next(iter(grain.MapDataset.source(fold1_train).map(lambda r: {"au": r["au"]}).batch(4)))
+  assert batch["au"].shape == (4, 12) and batch["au"].dtype == np.int8
 
 
 def _scan(manual, **kwargs):
@@ -230,3 +238,19 @@ def test_fixture_image_is_what_the_checks_assume():
   image = face_image((100, 150, 200))
   assert image.shape == (48, 64, 3) and (image[:, 8:56] == (100, 150, 200)).all()
   assert (image[:, :8] == 8).all() and (image[:, 56:] == 8).all()
+
+
+def test_prepare_cli(tmp_path):
+  manual = tmp_path / "manual"
+  truth = make_bp4d(manual, subjects=("F001",), tasks=("T1",), n_frames=2)
+  corrupt(truth[("F001", "T1", 11)]["path"])
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=bp4d", f"--manual_dir={manual}"]
+  failed = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd1'}"], capture_output=True, text=True, env=env)
+  assert failed.returncode != 0 and "0011.jpg" in failed.stderr and "--skip_bad" in failed.stderr
+  ok = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd2'}", "--skip_bad"], capture_output=True, text=True,
+                      env=env)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "skipped 1 bad BP4D inputs" in ok.stderr and "part1: 1 examples" in ok.stderr
+  assert len(data_source("bp4d", "part1", data_dir=tmp_path / "d2")) == 1

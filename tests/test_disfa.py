@@ -180,3 +180,18 @@ def test_corrupt_frame(tmp_path):
   assert builder.bad.count == 1 and str(bad_path) in builder.bad.examples[0]
   assert sorted(int(r["frame"]) for r in builder.as_data_source(split="part1")) == [1, 2]
   assert builder.info.splits["part2"].num_examples == 3
+
+
+def test_landmarks(tmp_path):
+  make_disfa(tmp_path, subjects=("SN001",), n_frames=2)
+  (tmp_path / "lm").mkdir()
+  (tmp_path / "lm" / "SN001.csv").write_text("1,10,12,30,20\n")
+  lm_file = re.escape(str(tmp_path / "lm" / "SN001.csv"))
+  with pytest.raises(ValueError, match=lm_file + ": no landmarks for frame 2"):
+    _scan(tmp_path, landmarks_dir="lm")
+  (tmp_path / "lm" / "SN001.csv").write_text("1,10,12,30,20\n2,0,0,4,4\n")
+  _, plans = _scan(tmp_path, landmarks_dir=str(tmp_path / "lm"))
+  np.testing.assert_array_equal(plans[1][0][7], [[10, 12], [30, 20]])
+  np.testing.assert_array_equal(plans[1][1][7], [[0, 0], [4, 4]])
+  with pytest.raises(FileNotFoundError, match="landmarks folder"):
+    _scan(tmp_path, landmarks_dir="nowhere")

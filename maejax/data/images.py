@@ -45,6 +45,7 @@ class BadInputs:
 
   def report(self, error: Exception, path: Any = None) -> None:
     if not self.skip_bad:
+      error.args = (f"{error} [skip_bad=True / --skip_bad skips and counts such inputs instead]",)
       raise error
     self.count += 1
     if len(self.examples) < self.keep:
