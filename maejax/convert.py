@@ -99,10 +99,10 @@ def _load_file(path: str) -> dict[str, np.ndarray]:
 
     try:
       with safe_open(path, framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        return {k: f.get_tensor(k) for k in f.keys()}
     except TypeError:  # e.g. bf16, which numpy cannot hold: read through torch
       with safe_open(path, framework="pt") as f:
-        return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118
+        return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
   import torch  # only needed for .pth / .bin
 
   obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -374,7 +374,7 @@ def convert_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
   Returns ``(params, config, info)``: ``params`` = ``{'encoder': ...}`` or
   ``{'encoder': ..., 'decoder': ...}`` of float32 numpy arrays (the ``params`` collection of
   :class:`~maejax.models.mae.MAE`); ``config`` = MAE constructor arguments (see :data:`CONFIG_KEYS`);
-  ``info`` = ``{'format', 'has_decoder', 'num_params', 'pos_embed_max_abs_diff'}``.
+  ``info`` = ``{'format', 'has_decoder', 'num_params', 'pos_embed_max_abs_diff', 'heads_from'}``.
 
   Raises ``ValueError`` listing every missing / unexpected / mis-shaped key, or when a position table differs
   from the fixed sin-cos table by more than ``POS_EMBED_ATOL`` (unless ``allow_pos_embed_mismatch``).
@@ -410,8 +410,13 @@ def convert_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
     for path, value in fn(sd[key]):
       _set(params, path, np.ascontiguousarray(value, dtype=np.float32))
   num = int(sum(v.size for k, v in sd.items() if k not in pos_tables))
+  def source(arg, hf_key):
+    return "argument" if arg is not None else "config.json" if hf_key in (hf_config or {}) else "size table"
+
   info = dict(format=fmt, has_decoder=cfg["decoder_width"] is not None, num_params=num,
-              pos_embed_max_abs_diff=pos_diff)
+              pos_embed_max_abs_diff=pos_diff,
+              heads_from=(source(num_heads, "num_attention_heads"),
+                          source(decoder_heads, "decoder_num_attention_heads")))
   if hf_config and float(hf_config.get("layer_norm_eps", 1e-6)) != 1e-6:
     info["note"] = (f"HF config layer_norm_eps={hf_config['layer_norm_eps']}; maejax uses the official 1e-6")
   if hf_config and hf_config.get("hidden_act", "gelu") != "gelu":
@@ -441,8 +446,14 @@ def save_converted(dst: str | os.PathLike, params: Params, config: Mapping[str, 
   return path
 
 
-def load_converted(path: str | os.PathLike) -> tuple[Params, dict]:
-  """Reads a checkpoint written by :func:`save_converted`: ``(params, config)`` (params as jax arrays)."""
+def load_converted(path: str | os.PathLike, target: Params | None = None) -> tuple[Params, dict]:
+  """Reads a checkpoint written by :func:`save_converted`: ``(params, config)``.
+
+  Without ``target`` the params come back as numpy arrays (as saved). ``target``: a pytree of
+  ``jax.ShapeDtypeStruct`` with shardings (e.g. from ``jax.eval_shape`` of the trainer's init) restores
+  them as sharded jax arrays. ``DST/params`` is a plain StandardCheckpointer item, so
+  ``ocp.StandardCheckpointer().restore(DST / 'params', target)`` works too; ``DST/config/metadata`` is JSON.
+  """
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(os.fspath(path))
@@ -450,7 +461,7 @@ def load_converted(path: str | os.PathLike) -> tuple[Params, dict]:
     if not os.path.isdir(os.path.join(path, item)):
       raise FileNotFoundError(f"{path!r} is not a converted maejax checkpoint: missing item {item!r}")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    out = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+    out = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
                                                       config=ocp.args.JsonRestore()))
   return out["params"], dict(out["config"])
 
@@ -488,23 +499,32 @@ def convert(src: str | os.PathLike | Mapping[str, Any], dst: str | os.PathLike |
 
 
 def main(argv) -> None:
-  from absl import flags
+  import sys
+
+  from absl import flags, logging
 
   f = flags.FLAGS
   if len(argv) > 1:
-    raise ValueError(f"unexpected positional arguments {argv[1:]}")
-  params, config, info = convert(f.src, f.dst, num_heads=f.num_heads, decoder_heads=f.decoder_heads,
-                                 allow_pos_embed_mismatch=f.allow_pos_embed_mismatch, overwrite=f.overwrite)
+    sys.exit(f"error: unexpected positional arguments {argv[1:]}")
+  if not f["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  try:
+    params, config, info = convert(f.src, f.dst, num_heads=f.num_heads, decoder_heads=f.decoder_heads,
+                                   allow_pos_embed_mismatch=f.allow_pos_embed_mismatch,
+                                   overwrite=f.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    sys.exit(f"error: {e}")
   import jax
 
   counts = {k: int(sum(x.size for x in jax.tree_util.tree_leaves(v))) for k, v in params.items()}
   print(f"source      {f.src}")
   print(f"format      {info['format']} ({'encoder + decoder' if info['has_decoder'] else 'encoder only'})")
   print(f"encoder     img {config['img_size']}, patch {config['patch_size']}, width {config['width']}, "
-        f"depth {config['depth']}, heads {config['num_heads']}, mlp ratio {config['mlp_ratio']:g}")
+        f"depth {config['depth']}, heads {config['num_heads']} ({info['heads_from'][0]}), "
+        f"mlp ratio {config['mlp_ratio']:g}")
   if info["has_decoder"]:
     print(f"decoder     width {config['decoder_width']}, depth {config['decoder_depth']}, "
-          f"heads {config['decoder_heads']}")
+          f"heads {config['decoder_heads']} ({info['heads_from'][1]})")
   print(f"pos-embed   max-abs diff to sin-cos {info['pos_embed_max_abs_diff']}")
   print(f"params      {sum(counts.values()):,} ({', '.join(f'{k} {v:,}' for k, v in counts.items())})")
   if "note" in info:
