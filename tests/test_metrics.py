@@ -41,7 +41,7 @@ def test_streaming_equals_sklearn_and_all_at_once():
   assert streamed.mean_f1() == pytest.approx(ref_f1.mean())
   res = streamed.result()
   assert res["mean_accuracy"] == pytest.approx(ref_acc.mean())
-  # Accumulated F1 is not the mean of per-batch F1s: the protocol counts over the whole split.
+  # Every known entry is counted exactly once across the batches; unknown entries never.
   assert streamed.tp.sum() + streamed.fp.sum() + streamed.fn.sum() + streamed.tn.sum() == (labels >= 0).sum()
 
 
