@@ -13,7 +13,7 @@ except ImportError:  # loaded by path through config_flags
   common = importlib.util.module_from_spec(_spec)
   _spec.loader.exec_module(common)
 
-VARIANTS = ("tiny", "vit_b", "vit_l", "vit_h")
+VARIANTS = ("tiny", "smoke", "vit_b", "vit_l", "vit_h")
 
 
 def model(size: str | None, img_size: int, patch_size: int, **kw) -> ml_collections.ConfigDict:
@@ -52,6 +52,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 300
     c.eval_every = 150
     c.checkpoint_every = 100
+  elif variant == "smoke":
+    # Seconds on a CPU: for CI and the resume / multi-process tests.
+    c.model = model(None, 32, 8, width=32, depth=2, num_heads=4, decoder_width=32, decoder_depth=1,
+                    decoder_heads=4)
+    c.data = common.synthfaces(32)
+    c.data.num_subjects = 8
+    c.data.frames_per_subject = 20
+    c.optim = common.adamw(base_lr=1.5e-3, weight_decay=0.05, warmup_steps=2)
+    c.batch_size = 16
+    c.total_steps = 12
+    c.log_every = 4
+    c.eval_every = 6
+    c.checkpoint_every = 4
   else:
     size = {"vit_b": "B", "vit_l": "L", "vit_h": "H"}[variant]
     c.model = model(size, 224, 14 if size == "H" else 16)

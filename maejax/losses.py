@@ -29,7 +29,10 @@ def norm_pix_target(target: Array, eps: float = 1e-6) -> Array:
 
 
 def mae_loss(pred: Array, target: Array, mask: Array, norm_pix: bool = True) -> Array:
-  """Mean over masked patches of the per-patch MSE. ``pred, target: (B, L, p²·C)``, ``mask: (B, L)`` 1 = removed."""
+  """Mean over masked patches of the per-patch MSE.
+
+  ``pred, target: (B, L, p²·C)``, ``mask: (B, L)`` with 1 = removed.
+  """
   if norm_pix:
     target = norm_pix_target(target)
   per_patch = jnp.mean((pred - target) ** 2, axis=-1)

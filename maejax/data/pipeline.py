@@ -128,10 +128,12 @@ def make_source(cfg: ml_collections.ConfigDict, split: str = "train") -> Any:
                                  subjects=subjects[split])
   if name == "folder":
     from maejax.data import images
-    return images.ImageFolder(cfg.path)
+    if not cfg.path:
+      raise ValueError("config.data.path must name a folder of images when config.data.name='folder'")
+    return images.ImageFolderSource(cfg.path, skip_bad=cfg.get("skip_bad", False))
   if name == "tfds":
-    import tensorflow_datasets as tfds
-    return tfds.data_source(cfg.tfds_name, split=split, data_dir=cfg.get("data_dir") or None)
+    from maejax.data import images
+    return images.TfdsImageSource(cfg.tfds_name, split=split, data_dir=cfg.get("data_dir") or None)
   raise ValueError(f"config.data.name must be 'synthfaces', 'folder' or 'tfds', got {name!r}")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 Array = jax.Array
 Dtype = Any
 
-# name -> (width, depth, heads, patch). mlp ratio is 4 for all of them.
+# name -> (width, depth, heads). mlp ratio is 4 for all of them.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "mu": (64, 2, 2),  # CPU tests and the tiny default configs
     "Ti": (192, 12, 3),

@@ -82,12 +82,13 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
 
 
 def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (e.g. 2 heads on a 4-way model axis): replicate."""
+  """Replicates a dimension instead where its mesh axes are absent from ``mesh`` or do not divide it (e.g. 2
+  heads on a 4-way model axis)."""
   out = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in mesh.shape)
     size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append(axes if names and dim % size == 0 else None)
+    out.append((names[0] if len(names) == 1 else names) if names and dim % size == 0 else None)
   return P(*out)
 
 
@@ -324,14 +325,18 @@ class Checkpointer:
 def load_params(path: str, step: int | None = None) -> tuple[PyTree, dict]:
   """Model params + model config from a training workdir (latest step) or a ``maejax.convert`` output."""
   path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
+    from maejax import convert  # a converted official / HF checkpoint
+    params, config = convert.load_converted(path)
+    return params, dict(config)
   ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
   if not os.path.isdir(ckdir):
-    raise FileNotFoundError(f"no checkpoint directory at {path}")
+    raise FileNotFoundError(f"no checkpoint at {path}: expected a training workdir (with checkpoints/) or "
+                            "the output of `python -m maejax.convert`")
   mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True))
   step = mgr.latest_step() if step is None else step
   if step is None:
-    from maejax import convert  # a converted official / HF checkpoint
-    return convert.load_converted(path)
+    raise FileNotFoundError(f"no checkpoint steps in {ckdir}")
   config = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
   meta = mgr.item_metadata(step)["state"]
   abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta["params"])
