@@ -225,15 +225,34 @@ class Trainer:
   mesh: jax.sharding.Mesh
   state: TrainState
   state_shardings: TrainState
-  step_fn: Callable
+  step_fn: Callable  # (state, batch) -> (state, metrics); frozen inputs already bound
+
+
+def shard_frozen(init_fn: Callable[[jax.Array], PyTree], values: PyTree, mesh: jax.sharding.Mesh,
+                 rules: Sequence[tuple[str, Any]]) -> PyTree:
+  """Places frozen ``values`` (e.g. a loaded teacher's params) with the shardings their logical axes give;
+  ``init_fn`` is the matching model's init, only traced for the axis names."""
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))["params"]
+  sh = param_shardings(boxed, mesh, rules)
+  flat_v = flax.traverse_util.flatten_dict(flax.core.unfreeze(values))
+  flat_sh = flax.traverse_util.flatten_dict(flax.core.unfreeze(sh))
+  missing = sorted("/".join(k) for k in flat_sh if k not in flat_v and k[0] != "decoder")
+  if missing:
+    raise ValueError(f"frozen parameters lack {missing[:8]}{' …' if len(missing) > 8 else ''}")
+  return flax.traverse_util.unflatten_dict(
+      {k: jax.device_put(jnp.asarray(v), flat_sh[k]) for k, v in flat_v.items() if k in flat_sh})
 
 
 def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: optax.GradientTransformation,
                    mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], seed: int,
-                   grad_accum_steps: int = 1, init_params: PyTree | None = None) -> Trainer:
+                   grad_accum_steps: int = 1, init_params: PyTree | None = None,
+                   frozen: PyTree | None = None) -> Trainer:
   """Builds the sharded state (params from ``init_fn(rng) -> variables`` or ``init_params``) and the step.
 
   ``init_fn`` returns flax variables (boxed with logical axes): ``{"params": …, other collections…}``.
+  ``frozen``: device arrays the loss reads but never trains (a teacher); passed to the jitted step as an
+  argument — never baked into the program as constants, never checkpointed — and to the loss as
+  ``loss_fn(params, extra, batch, rng, frozen)``.
   """
   root = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(root)
@@ -258,10 +277,21 @@ def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: 
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
                      rng=jax.device_put(train_rng, rep), extra=extra)
   shardings = TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep, extra=extra_sh)
-  step = make_train_step(loss_fn, tx, grad_accum_steps)
   bsh = batch_sharding(mesh)
-  jitted = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, rep), donate_argnums=(0,))
-  return Trainer(mesh=mesh, state=state, state_shardings=shardings, step_fn=jitted)
+  if frozen is None:
+    step = make_train_step(loss_fn, tx, grad_accum_steps)
+    jitted = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, rep), donate_argnums=(0,))
+    return Trainer(mesh=mesh, state=state, state_shardings=shardings, step_fn=jitted)
+
+  def step_with_frozen(state, batch, frozen_values):
+    bound = lambda p, e, b, r: loss_fn(p, e, b, r, frozen_values)
+    return make_train_step(bound, tx, grad_accum_steps)(state, batch)
+
+  frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+  jitted = jax.jit(step_with_frozen, in_shardings=(shardings, bsh, frozen_sh), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
+  return Trainer(mesh=mesh, state=state, state_shardings=shardings,
+                 step_fn=lambda state, batch: jitted(state, batch, frozen))
 
 
 def _overlay(params: PyTree, given: PyTree, shardings: PyTree) -> PyTree:
@@ -338,10 +368,15 @@ def load_params(path: str, step: int | None = None) -> tuple[PyTree, dict]:
   if step is None:
     raise FileNotFoundError(f"no checkpoint steps in {ckdir}")
   config = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  meta = mgr.item_metadata(step)["state"]
-  abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta["params"])
-  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": abstract}, partial_restore=True)))
+  state_dir = os.path.join(ckdir, str(step), "state")
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(state_dir).item_metadata["params"]
+  abstract = {"params": jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)}
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=one), abstract)
+  # Only the params are read: a teacher's optimizer state never leaves the disk.
+  restored = {"state": ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=restore_args, partial_restore=True))}
   return restored["state"]["params"], dict(config)
 
 

@@ -1,0 +1,57 @@
+"""DMAE distillation. Default: a tiny student distilled from the tiny ``mae_pretrain`` teacher in
+``workdir/mae_pretrain`` (run that stage first). ``:vit_l_to_vit_b`` is the paper's setting: ViT-B student,
+ViT-L teacher (``--config.distill.teacher=`` a converted ``mae_pretrain_vit_large.pth`` or a workdir), student
+block 8 aligned to teacher block 17 (0-based)."""
+
+import ml_collections
+
+try:
+  from configs import common, mae_pretrain
+except ImportError:  # loaded by path through config_flags
+  import importlib.util
+  import os
+
+  def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_maejax_cfg_{name}",
+                                                  os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+  common, mae_pretrain = _load("common"), _load("mae_pretrain")
+
+VARIANTS = ("tiny", "smoke", "vit_l_to_vit_b")
+
+
+def distill(teacher: str, pairs) -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.teacher = teacher
+  d.pairs = pairs  # ((student block, teacher block), ...), 0-based
+  d.head = "linear"  # "linear" | "mlp1" | "mlp2"
+  d.head_hidden = 0  # 0 = teacher width
+  d.distance = "l1"  # "l1" | "l2" | "smooth_l1" | "cosine"
+  d.alpha = 1.0
+  d.teacher_mode = "truncated"  # "truncated" (the paper's saving) | "full" (teacher blocks + decoder, as released)
+  return d
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg)
+  variant = args.get("variant", "tiny")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown distill variant {variant!r}; expected one of {VARIANTS}")
+  base = mae_pretrain.get_config("smoke" if variant == "smoke" else
+                                 "vit_b" if variant == "vit_l_to_vit_b" else "tiny")
+  c = base
+  c.stage = "distill"
+  if variant == "tiny":
+    c.model.width, c.model.depth, c.model.num_heads = 64, 4, 4  # half the teacher's width
+    c.distill = distill("workdir/mae_pretrain", ((2, 2),))
+  elif variant == "smoke":
+    c.model.width, c.model.depth, c.model.num_heads = 32, 2, 4
+    c.distill = distill("", ((0, 1),))
+  else:
+    c.distill = distill("", ((8, 17),))
+    c.total_steps = 100 * 312  # 100 ImageNet epochs at batch 4096
+  if "steps" in args:
+    c.total_steps = int(args["steps"])
+  return c
