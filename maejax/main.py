@@ -26,7 +26,7 @@ _PID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "
                             else None, "This process's id.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulate this many CPU devices (testing sharding).")
 
-STAGES = ("mae_pretrain", "distill")
+STAGES = ("mae_pretrain", "distill", "au_finetune", "au_occl")
 
 
 def run(config, workdir: str):
@@ -37,18 +37,24 @@ def run(config, workdir: str):
   if config.stage == "distill":
     from maejax.trainers import distill
     return distill.train(config, workdir)
+  if config.stage == "au_finetune":
+    from maejax.trainers import au
+    return au.train_finetune(config, workdir)
+  if config.stage == "au_occl":
+    from maejax.trainers import au
+    return au.train_occl(config, workdir)
   raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
 
 
 def init_distributed():
+  """``jax.distributed.initialize`` from the flags / environment; must run before any other JAX call."""
   import jax
-  if _COORD.value or _DISTRIBUTED.value:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kw = {}
-    if _COORD.value:
-      kw = dict(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
-    jax.distributed.initialize(**kw)
+  # Cross-process collectives on the CPU backend (tests, CPU clusters); no effect on GPU / TPU.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kw = {}
+  if _COORD.value:
+    kw = dict(coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
+  jax.distributed.initialize(**kw)
 
 
 def main(argv):
@@ -61,9 +67,6 @@ def main(argv):
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/mae_pretrain.py")
   if _COORD.value or _DISTRIBUTED.value:
-    if _COORD.value:
-      import jax
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     init_distributed()
   import jax
   workdir = _WORKDIR.value or os.path.join("workdir", config.stage)

@@ -212,7 +212,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accu
       metrics = jax.tree_util.tree_map(lambda m: m.mean(0), ms)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
   return step
@@ -270,9 +270,10 @@ def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: 
     params = _overlay(params, init_params, p_sh)
   opt_abstract = jax.eval_shape(tx.init, params)
   rep = replicated(mesh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_abstract, p_sh,
+  # Frozen params (``trainable``) leave optax.MaskedNode (no leaves) in the optimizer state: keep it as is.
+  opt_sh = optax.tree_map_params(tx, lambda x, s: x if isinstance(x, optax.MaskedNode) else s, opt_abstract, p_sh,
                                  transform_non_params=lambda _: rep,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+                                 is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
   opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
                      rng=jax.device_put(train_rng, rep), extra=extra)
@@ -445,7 +446,7 @@ def train_loop(trainer: Trainer, data_iter: Iterator[Mapping[str, np.ndarray]], 
                                              every_secs=None, every_steps=config.get("log_every", 10))
   log_every = int(config.get("log_every", 10))
   losses: list[tuple[int, float]] = []
-  loss_log = open(os.path.join(workdir, f"{name}_loss.jsonl"), "a") if is_main else None
+  loss_log = open(os.path.join(workdir, f"{name}_loss.jsonl"), "a", buffering=1) if is_main else None
   acc: dict[str, list[float]] = {}
   pending = None  # metrics of the previous step, fetched one step late so dispatch never waits on the host
   preempted = False

@@ -1,0 +1,161 @@
+"""grain pipelines for AU detection: training views (clean for the teacher, OCCLUDED for the student) and
+evaluation under a fixed named occlusion per example.
+
+Training record → :class:`AUTrainAugment` (uint8 out):
+  ``image (S, S, 3)``      the clean face after crop / flip / colour jitter (what the teacher sees);
+  ``occluded (S, S, 3)``   the SAME augmented face with a random occlusion (``occlusion.sample_occlusion``);
+  ``patch_frac (L,)``      float32 occluded fraction of every patch (row-major, the ViT token order);
+  ``au (N,)``              int8 1 / 0 / −1 (unknown; BP4D's 9).
+Evaluation record → :class:`AUEvalView`: resize, then ``occlusion.occlude(condition, condition_seed(seed,
+index, condition))``, so every model sees the same occluded pixels for the same example.
+
+Augmentations (ME-GraphAU's recipe scaled to any size): resize to ``S·(1 + 1/7)`` (256 for 224), random
+``S`` crop, horizontal flip, colour jitter (brightness / contrast / saturation). Landmarks follow the crop and
+flip so realistic occluders (mask, glasses, hand) land on the face.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from maejax.data import occlusion
+from maejax.data.pipeline import _as_rgb, build
+
+# Landmark rows that swap under a horizontal flip: eyes (0, 1) and mouth corners (3, 4).
+_FLIP_ORDER = np.array([1, 0, 2, 4, 3, 5])
+
+
+def labels_of(record: Mapping[str, Any], num_aus: int | None = None) -> np.ndarray:
+  """``au`` as int8 with 1 / 0 / −1 (anything else, e.g. BP4D's 9, counts as unknown)."""
+  au = np.asarray(record["au"]).astype(np.int16)
+  au = np.where((au == 0) | (au == 1), au, -1).astype(np.int8)
+  if num_aus is not None and au.shape != (num_aus,):
+    raise ValueError(f"record 'au' has shape {au.shape}, expected ({num_aus},)")
+  return au
+
+
+def _landmarks(record: Mapping[str, Any], h: int, w: int) -> np.ndarray | None:
+  lm = record.get("landmarks")
+  if lm is None:
+    return None
+  lm = np.asarray(lm, np.float32)
+  if lm.ndim != 2 or lm.shape[0] < 5 or not np.isfinite(lm).all() or (lm < 0).any():
+    return None  # unknown landmarks (e.g. −1 rows): occluders assume a centred face
+  return lm
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+  """Brightness, contrast and saturation each scaled by ``U(1 − s, 1 + s)`` (torchvision ColorJitter's
+  factors), in a random order. ``(H, W, 3)`` uint8 → uint8."""
+  if strength <= 0:
+    return image
+  x = image.astype(np.float32)
+  for op in rng.permutation(3):
+    f = rng.uniform(1 - strength, 1 + strength)
+    if op == 0:
+      x = x * f
+    elif op == 1:
+      x = (x - x.mean()) * f + x.mean()
+    else:
+      gray = x @ np.array([0.299, 0.587, 0.114], np.float32)
+      x = (x - gray[..., None]) * f + gray[..., None]
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class AUTrainAugment:
+  """Random crop + flip + colour jitter, then the student's occluded view of the same face (see module)."""
+
+  size: int
+  patch_size: int
+  num_aus: int
+  occlude: bool = True
+  conditions: Sequence[str] = occlusion.TRAIN_CONDITIONS
+  fills: Sequence[str] = ("black", "mean", "noise")
+  jitter: float = 0.2
+  flip: bool = True
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image = _as_rgb(record["image"])
+    h, w = image.shape[:2]
+    big = int(round(self.size * 8 / 7))
+    lm = _landmarks(record, h, w)
+    if (h, w) != (big, big):
+      image = np.asarray(Image.fromarray(image).resize((big, big), Image.BICUBIC))
+      if lm is not None:
+        lm = lm * np.array([big / w, big / h], np.float32)
+    top, left = rng.integers(0, big - self.size + 1, size=2)
+    image = image[top:top + self.size, left:left + self.size]
+    if lm is not None:
+      lm = lm - np.array([left, top], np.float32)
+    if self.flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+      if lm is not None:
+        lm = lm[_FLIP_ORDER[:len(lm)]] * np.array([-1, 1], np.float32) + np.array([self.size - 1, 0], np.float32)
+    image = color_jitter(np.ascontiguousarray(image), rng, self.jitter)
+    out = {"image": image, "au": labels_of(record, self.num_aus)}
+    if self.occlude:
+      occluded, _, frac = occlusion.sample_occlusion(image, rng, self.patch_size, self.conditions, lm, self.fills)
+      out.update(occluded=occluded, patch_frac=frac.astype(np.float32))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AUEvalView:
+  """Deterministic evaluation view of example ``index`` under ``condition`` (fixed per example)."""
+
+  size: int
+  patch_size: int
+  num_aus: int
+  condition: str
+  seed: int = 0
+
+  def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    image = _as_rgb(record["image"])
+    h, w = image.shape[:2]
+    lm = _landmarks(record, h, w)
+    if (h, w) != (self.size, self.size):
+      image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
+      if lm is not None:
+        lm = lm * np.array([self.size / w, self.size / h], np.float32)
+    seed = occlusion.condition_seed(self.seed, int(index), self.condition)
+    occluded, _, frac = occlusion.occlude(image, self.condition, seed, self.patch_size, lm)
+    return {"image": occluded, "patch_frac": frac.astype(np.float32), "au": labels_of(record, self.num_aus),
+            "index": np.int32(index)}
+
+
+def train_pipeline(source: Any, *, global_batch_size: int, size: int, patch_size: int, num_aus: int, seed: int,
+                   occlude: bool = True, conditions: Sequence[str] = occlusion.TRAIN_CONDITIONS,
+                   jitter: float = 0.2, worker_count: int = 0, **kw) -> grain.IterDataset:
+  """Infinite shuffled training batches (see module docstring for the keys)."""
+  unknown = [c for c in conditions if c not in occlusion.CONDITIONS]
+  if unknown:
+    raise ValueError(f"train_conditions: unknown {unknown}; expected names from {sorted(occlusion.CONDITIONS)}")
+  aug = AUTrainAugment(size, patch_size, num_aus, occlude, tuple(conditions), jitter=jitter)
+  return build(source, global_batch_size=global_batch_size, seed=seed, augment=aug, worker_count=worker_count,
+               **kw)
+
+
+def eval_indices(n_total: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
+  """A fixed, sorted subset of ``max_examples`` indices (all when None / larger than the split)."""
+  if not max_examples or max_examples >= n_total:
+    return np.arange(n_total)
+  return np.sort(np.random.default_rng(seed).choice(n_total, max_examples, replace=False))
+
+
+def eval_batches(source: Any, condition: str, *, batch_size: int, size: int, patch_size: int, num_aus: int,
+                 seed: int = 0, indices: Sequence[int] | None = None):
+  """Yields evaluation batches (numpy dicts: ``image``, ``patch_frac``, ``au``, ``index``) of ``condition``
+  over ``indices`` (default: the whole split), last batch possibly smaller."""
+  if condition not in occlusion.CONDITIONS:
+    raise ValueError(f"eval condition: unknown {condition!r}; expected one of {sorted(occlusion.CONDITIONS)}")
+  idx = np.arange(len(source)) if indices is None else np.asarray(indices)
+  view = AUEvalView(size, patch_size, num_aus, condition, seed)
+  ds = grain.MapDataset.source(list(idx)).map(lambda i: view(int(i), source[int(i)]))
+  yield from ds.batch(batch_size, drop_remainder=False)
