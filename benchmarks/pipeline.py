@@ -1,0 +1,158 @@
+r"""Input pipeline throughput (images/s) vs what the default MAE train step consumes.
+
+  python benchmarks/pipeline.py                       # 64 and 224 px, 0 and 2 grain workers, + tiny train step
+  python benchmarks/pipeline.py --sizes=64 --workers=0 --batches=3 --steps=2   # quick check
+
+Pipelines (the project's own ``maejax.data.pipeline.build``: shuffle → random_map(augment) → batch):
+  * ``mae``: synthetic faces rendered at the size, RandomResizedCrop(0.2–1, bicubic) + flip (``mae_pipeline``);
+  * ``au+occl``: synthetic faces + flip + a random training occlusion (``occlusion.sample_occlusion``, placed
+    with the face's landmarks, random fill) and its per-patch occluded fraction, as the occluded-AU stage
+    needs.
+Each pipeline is timed over ``--batches`` batches after ``--warmup_batches`` (worker start-up excluded).
+grain reads ahead (threads, and worker processes), so the first batches come out of a buffer filled during
+start-up: throughput = batch / MEDIAN time per batch, which ignores them as long as fewer than half the timed
+batches were buffered (``--batches`` ≥ 2 × buffered; grain's default read-ahead is 500 elements ≈ 8 batches
+of 64). The mean rate (images / wall time, inflated by the buffer) is printed too.
+Pipelines run one at a time (worker processes of an idle pipeline would steal cores from the timed one);
+the train step is timed in the same process afterwards. On this machine the pipeline and the step compete
+for the same cores during training; the ratio says how much headroom the pipeline has in isolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import common as bc  # benchmarks/common.py; also puts the repo root on sys.path
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from maejax.data import occlusion, pipeline
+from maejax.trainers import mae as mae_trainer
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["64", "224"], "image sizes")
+flags.DEFINE_list("workers", ["0", "2"], "grain worker counts")
+flags.DEFINE_list("views", ["mae", "au+occl"], "pipelines to time")
+flags.DEFINE_integer("batch", 0, "pipeline batch size; 0 = the tiny config's batch size")
+flags.DEFINE_integer("batches", 30, "timed batches per pipeline (more than twice what the read-ahead buffers)")
+flags.DEFINE_integer("warmup_batches", 2, "untimed batches per pipeline (worker start-up)")
+flags.DEFINE_integer("steps", 5, "timed train steps (median reported)")
+flags.DEFINE_string("config", "", "config argument of configs/mae_pretrain.py (default: the tiny config)")
+
+
+def load_config(arg: str | None):
+  """``configs/mae_pretrain.py``'s ``get_config(arg)``, loaded by path (configs/ is not a package)."""
+  path = os.path.join(bc.ROOT, "configs", "mae_pretrain.py")
+  spec = importlib.util.spec_from_file_location("_bench_mae_pretrain_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class OccludedAUView:
+  """Flip + a random training occlusion (as the occluded-AU stage sees faces): image, labels, patch
+  fractions."""
+
+  patch_size: int
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    image = np.asarray(record["image"])
+    occluded, _, frac = occlusion.sample_occlusion(image, rng, self.patch_size,
+                                                   landmarks=record.get("landmarks"))
+    if rng.random() < 0.5:
+      occluded = occluded[:, ::-1]  # occlusion placed with the landmarks first, then the flip
+      g = int(round(frac.size**0.5))
+      frac = frac.reshape(g, g)[:, ::-1].reshape(-1)
+    return {"image": np.ascontiguousarray(occluded), "au": record["au"],
+            "patch_fraction": np.ascontiguousarray(frac)}
+
+
+def make_pipeline(view: str, data_cfg, size: int, batch: int, workers: int, patch: int):
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.image_size = size
+  cfg.worker_count = workers
+  if view == "mae":
+    return pipeline.mae_pipeline(cfg, batch, size, seed=0)
+  if view == "au+occl":
+    return pipeline.build(pipeline.make_source(cfg, "train"), global_batch_size=batch, seed=0,
+                          augment=OccludedAUView(patch), worker_count=workers)
+  raise ValueError(f"unknown view {view!r}; expected 'mae' or 'au+occl'")
+
+
+def time_pipeline(ds, batch: int, warmup: int, batches: int) -> tuple[float, float, float, float]:
+  """``(images/s from the median batch, median s/batch, images/s over the wall time, start-up s)``."""
+  t0 = time.perf_counter()
+  it = iter(ds)
+  for _ in range(warmup):
+    next(it)
+  startup = time.perf_counter() - t0
+  times = []
+  t_all = time.perf_counter()
+  for _ in range(batches):
+    t = time.perf_counter()
+    b = next(it)
+    times.append(time.perf_counter() - t)
+  total = time.perf_counter() - t_all
+  assert b["image"].shape[0] == batch
+  del it  # stops the worker processes
+  median = statistics.median(times)
+  return batch / median, median, batches * batch / total, startup
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config = load_config(FLAGS.config)
+  batch = FLAGS.batch or config.batch_size
+  rows = []
+  results = {}
+  for view in FLAGS.views:
+    for size in (int(s) for s in FLAGS.sizes):
+      patch = config.model.patch_size if size == config.model.img_size else 16
+      for workers in (int(w) for w in FLAGS.workers):
+        with bc.RssSampler() as rss:
+          ips, med, mean_ips, startup = time_pipeline(make_pipeline(view, config.data, size, batch, workers, patch),
+                                            batch, FLAGS.warmup_batches, FLAGS.batches)
+        results[(view, size, workers)] = ips
+        print(f"  {view} {size}px workers={workers}: {ips:.1f} images/s", flush=True)
+        rows.append([view, size, workers, batch, f"{ips:.1f}", f"{med:.3f}", f"{mean_ips:.1f}", f"{startup:.1f}",
+                     f"{rss.peak:.0f}"])
+
+  # What the default (tiny) train step consumes, in the same process.
+  model = mae_trainer.build_model(config.model)
+  img = model.img_size
+  dummy = jnp.zeros((1, img, img, 3), jnp.float32)
+  images = np.random.default_rng(0).integers(0, 256, (config.batch_size, img, img, 3), dtype=np.uint8)
+  step = bc.jax_train_case("tiny MAE train step", lambda r: model.init({"params": r, "masking": r}, dummy),
+                           mae_trainer.mae_loss_fn(model), {"image": images})
+  bc.run_interleaved([step], FLAGS.steps, warmup=1, log=lambda s: None)
+
+  print()
+  print(bc.machine_info([f"config: configs/mae_pretrain.py:{FLAGS.config or 'tiny'} "
+                         f"({img}px, patch {model.patch_size}, width {model.width}, depth {model.depth}, "
+                         f"batch {config.batch_size}); synthfaces {config.data.num_subjects} subjects"]))
+  print(bc.table(["view", "px", "workers", "batch", "images/s", "median s/batch", "images/s (wall)", "start-up s",
+                  "peak RSS MiB"], rows, "Input pipeline (grain, synthetic faces)"))
+  print()
+  print(bc.case_table([step], f"Train step consumption ({img}px tiny config, jitted, AdamW)"))
+  print()
+  consume = step.items_per_s
+  ratio_rows = []
+  for (view, size, workers), ips in results.items():
+    if size == img:
+      r = ips / consume
+      ratio_rows.append([f"{view} {size}px, {workers} workers / train step", f"{r:.2f}x",
+                         bc.verdict(r, 3.0) if view == "mae" else "(AU stage: no step to compare yet)"])
+  print(bc.table(["pipeline images/s ÷ step images/s", "ratio", "target"], ratio_rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
