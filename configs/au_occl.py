@@ -90,8 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.student.log_every = 1
     c.eval = au_finetune.evaluation(16, 16)
   else:  # bp4d / disfa: paper-size encoder from a converted official MAE ViT-B (set mae.init)
-    c.mae.init = ""  # e.g. the output of `python -m maejax.convert mae_pretrain_vit_base.pth DIR`
-    c.mae.data = c.data
+    c.mae.init = ""  # required: e.g. the output of `python -m maejax.convert mae_pretrain_vit_base.pth DIR`
     epoch = 1500 if variant == "bp4d" else 1000
     c.student = student(10 * epoch, 64, 1e-4, epoch)
     c.student.encoder = "partial:4"

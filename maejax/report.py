@@ -77,7 +77,7 @@ def _axes(draw: ImageDraw.ImageDraw, box, xr, yr, xlabel: str, ylabel: str):
     y = y1 - (t - yr[0]) / (yr[1] - yr[0]) * (y1 - y0)
     draw.line([(x0 - 4, y), (x0, y)], fill=(0, 0, 0))
     draw.text((x0 - 34, y - 6), f"{t:.2f}", fill=(0, 0, 0))
-  for t in np.linspace(xr[0], xr[1], 6):
+  for t in np.linspace(xr[0], xr[1], int(round((xr[1] - xr[0]) * 10)) + 1):
     x = x0 + (t - xr[0]) / (xr[1] - xr[0]) * (x1 - x0)
     draw.line([(x, y1), (x, y1 + 4)], fill=(0, 0, 0))
     draw.text((x - 10, y1 + 6), f"{t:.1f}", fill=(0, 0, 0))

@@ -402,6 +402,9 @@ def _mae_encoder(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ``workdir/mae`` (skipped when its final checkpoint exists)."""
   if config.mae.get("init"):
     return load_encoder(config.mae.init)[0]
+  if config.data.name != "synthfaces":
+    raise ValueError(f"config.mae.init: set it to an MAE / DMAE workdir or a `maejax.convert` output for "
+                     f"data.name={config.data.name!r} (the chained MAE pretraining runs on synthetic faces only)")
   mae_dir = os.path.join(workdir, "mae")
   if not _complete(mae_dir, config.mae.total_steps):
     from maejax.trainers import mae
