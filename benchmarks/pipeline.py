@@ -8,11 +8,14 @@ Pipelines (the project's own ``maejax.data.pipeline.build``: shuffle → random_
   * ``au+occl``: synthetic faces + flip + a random training occlusion (``occlusion.sample_occlusion``, placed
     with the face's landmarks, random fill) and its per-patch occluded fraction, as the occluded-AU stage
     needs.
-Each pipeline is timed over ``--batches`` batches after ``--warmup_batches`` (worker start-up excluded).
-grain reads ahead (threads, and worker processes), so the first batches come out of a buffer filled during
-start-up: throughput = batch / MEDIAN time per batch, which ignores them as long as fewer than half the timed
-batches were buffered (``--batches`` ≥ 2 × buffered; grain's default read-ahead is 500 elements ≈ 8 batches
-of 64). The mean rate (images / wall time, inflated by the buffer) is printed too.
+Two figures per pipeline:
+  * ``1-thread images/s``: the per-image work (source + augmentation) run sequentially in this process: what
+    one core delivers, unaffected by grain's read-ahead;
+  * ``grain images/s``: ``batches × batch / time from creating the iterator to receiving the last batch``.
+    grain reads ahead (16 threads in-process, or worker processes, with buffers of hundreds of BATCHES since
+    batching happens before ``to_iter_dataset``), so timing batches after a warm-up would mostly time the
+    buffer; counting from creation includes start-up (printed too: time to the first batch) and is a
+    conservative figure. ``images/s after 1st`` leaves start-up out (and may count some read-ahead).
 Pipelines run one at a time (worker processes of an idle pipeline would steal cores from the timed one);
 the train step is timed in the same process afterwards. On this machine the pipeline and the step compete
 for the same cores during training; the ratio says how much headroom the pipeline has in isolation.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import statistics
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,8 +43,8 @@ flags.DEFINE_list("sizes", ["64", "224"], "image sizes")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker counts")
 flags.DEFINE_list("views", ["mae", "au+occl"], "pipelines to time")
 flags.DEFINE_integer("batch", 0, "pipeline batch size; 0 = the tiny config's batch size")
-flags.DEFINE_integer("batches", 30, "timed batches per pipeline (more than twice what the read-ahead buffers)")
-flags.DEFINE_integer("warmup_batches", 2, "untimed batches per pipeline (worker start-up)")
+flags.DEFINE_integer("batches", 12, "batches per grain pipeline")
+flags.DEFINE_integer("elements", 64, "images for the 1-thread figure")
 flags.DEFINE_integer("steps", 5, "timed train steps (median reported)")
 flags.DEFINE_string("config", "", "config argument of configs/mae_pretrain.py (default: the tiny config)")
 
@@ -87,24 +89,37 @@ def make_pipeline(view: str, data_cfg, size: int, batch: int, workers: int, patc
   raise ValueError(f"unknown view {view!r}; expected 'mae' or 'au+occl'")
 
 
-def time_pipeline(ds, batch: int, warmup: int, batches: int) -> tuple[float, float, float, float]:
-  """``(images/s from the median batch, median s/batch, images/s over the wall time, start-up s)``."""
+def time_grain(ds, batch: int, batches: int) -> tuple[float, float, float]:
+  """``(images/s from iterator creation to the last of ``batches`` batches, seconds to the first batch,
+  images/s after the first batch)``. The last can be flattered by work the read-ahead did before the first
+  batch came out (at most the batches in flight); the first includes start-up."""
   t0 = time.perf_counter()
   it = iter(ds)
-  for _ in range(warmup):
-    next(it)
-  startup = time.perf_counter() - t0
-  times = []
-  t_all = time.perf_counter()
+  first = None
   for _ in range(batches):
-    t = time.perf_counter()
     b = next(it)
-    times.append(time.perf_counter() - t)
-  total = time.perf_counter() - t_all
-  assert b["image"].shape[0] == batch
+    first = time.perf_counter() - t0 if first is None else first
+  total = time.perf_counter() - t0
+  if b["image"].shape[0] != batch:
+    raise ValueError(f"expected batches of {batch}, got {b['image'].shape}")
   del it  # stops the worker processes
-  median = statistics.median(times)
-  return batch / median, median, batches * batch / total, startup
+  after_first = (batches - 1) * batch / (total - first) if batches > 1 else float("nan")
+  return batches * batch / total, first, after_first
+
+
+def time_one_thread(view: str, data_cfg, size: int, patch: int, elements: int) -> float:
+  """Images/s of source + augmentation run sequentially in this process."""
+  cfg = data_cfg.copy_and_resolve_references()
+  cfg.image_size = size
+  source = pipeline.make_source(cfg, "train")
+  augment = (pipeline.MAEAugment(size, tuple(cfg.get("crop_scale", (0.2, 1.0)))) if view == "mae"
+             else OccludedAUView(patch))
+  rng = np.random.default_rng(0)
+  order = rng.permutation(len(source))[:elements]
+  t = time.perf_counter()
+  for i in order:
+    augment(source[int(i)], rng)
+  return elements / (time.perf_counter() - t)
 
 
 def main(argv):
@@ -117,13 +132,15 @@ def main(argv):
   for view in FLAGS.views:
     for size in (int(s) for s in FLAGS.sizes):
       patch = config.model.patch_size if size == config.model.img_size else 16
+      one = time_one_thread(view, config.data, size, patch, FLAGS.elements)
+      print(f"  {view} {size}px, 1 thread: {one:.1f} images/s", flush=True)
       for workers in (int(w) for w in FLAGS.workers):
         with bc.RssSampler() as rss:
-          ips, med, mean_ips, startup = time_pipeline(make_pipeline(view, config.data, size, batch, workers, patch),
-                                            batch, FLAGS.warmup_batches, FLAGS.batches)
+          ips, first, after = time_grain(make_pipeline(view, config.data, size, batch, workers, patch), batch,
+                                  FLAGS.batches)
         results[(view, size, workers)] = ips
         print(f"  {view} {size}px workers={workers}: {ips:.1f} images/s", flush=True)
-        rows.append([view, size, workers, batch, f"{ips:.1f}", f"{med:.3f}", f"{mean_ips:.1f}", f"{startup:.1f}",
+        rows.append([view, size, workers, batch, f"{one:.1f}", f"{ips:.1f}", f"{first:.1f}", f"{after:.1f}",
                      f"{rss.peak:.0f}"])
 
   # What the default (tiny) train step consumes, in the same process.
@@ -139,8 +156,9 @@ def main(argv):
   print(bc.machine_info([f"config: configs/mae_pretrain.py:{FLAGS.config or 'tiny'} "
                          f"({img}px, patch {model.patch_size}, width {model.width}, depth {model.depth}, "
                          f"batch {config.batch_size}); synthfaces {config.data.num_subjects} subjects"]))
-  print(bc.table(["view", "px", "workers", "batch", "images/s", "median s/batch", "images/s (wall)", "start-up s",
-                  "peak RSS MiB"], rows, "Input pipeline (grain, synthetic faces)"))
+  print(bc.table(["view", "px", "grain workers", "batch", "1-thread images/s", "grain images/s",
+                  "s to 1st batch", "images/s after 1st", "peak RSS MiB"], rows,
+                 f"Input pipeline (synthetic faces; grain: {FLAGS.batches} batches from iterator creation)"))
   print()
   print(bc.case_table([step], f"Train step consumption ({img}px tiny config, jitted, AdamW)"))
   print()
