@@ -246,3 +246,15 @@ def test_dmae_truncated_teacher_equals_full_teacher_and_gradients():
     assert float(jnp.abs(head_g).max()) > 0 and float(jnp.abs(block_g).max()) > 0
   total, aux = dmae_loss(student, sp, teacher, tp, x, rngs)
   np.testing.assert_allclose(float(total), float(aux["pixel_loss"] + aux["distill_loss"]), rtol=1e-6)
+
+
+def test_attention_matches_reference_softmax():
+  from maejax.models.vit import attention
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8)) for i in range(3))
+  ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  qn, kn, vn = map(np.asarray, (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8)
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(attention(q, k, v)), np.einsum("bhqk,bkhd->bqhd", w, vn), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ref), np.einsum("bhqk,bkhd->bqhd", w, vn), atol=1e-5)

@@ -17,17 +17,17 @@ import numpy as np
 
 from maejax import losses
 from maejax.models.vit import (
-    ViT,
-    Block,
-    EncoderOutput,
-    _p,
-    gather_tokens,
-    layer_norm,
-    patchify,
-    sincos_pos_embed_2d,
-    unpatchify,
-    vit_size,
-    xavier_uniform,
+  Block,
+  EncoderOutput,
+  ViT,
+  _p,
+  gather_tokens,
+  layer_norm,
+  patchify,
+  sincos_pos_embed_2d,
+  unpatchify,
+  vit_size,
+  xavier_uniform,
 )
 
 Array = jax.Array
