@@ -75,9 +75,9 @@ def _run(args, workdir):
 
 
 @pytest.mark.slow
-def test_smoke_end_to_end_then_eval_mode(tmp_path):
-  wd = tmp_path / "run"
-  out = _run([], wd)
+def test_smoke_end_to_end_then_eval_mode(au_smoke_run):
+  # The smoke job itself runs once per session in conftest.py (shared with the predict and notebook tests).
+  wd, out = au_smoke_run.workdir, au_smoke_run.output
   rows = [r[0] for r in _config().rows]
   for r in rows:
     assert r in out
