@@ -37,6 +37,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "computation dty
 flags.DEFINE_bool("remat", False, "rematerialise blocks (less memory, ~1/3 more compute, not counted in MFU)")
 flags.DEFINE_integer("steps", 10, "timed steps per model (median reported)")
 flags.DEFINE_integer("warmup", 2, "untimed steps per model after compilation")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                  "jax.nn.dot_product_attention implementation on GPU (auto = maejax's default)")
 flags.DEFINE_bool("tiny", False, "CPU-sized check: a 'mu' ViT at 32 px, batch 4, 1×32 decoder")
 
 # Peak dense bf16 FLOP/s per chip, matched against jax's device_kind (first match wins).
@@ -92,6 +94,10 @@ def main(argv):
     sizes, img, patch, dec = FLAGS.models, FLAGS.img_size, FLAGS.patch_size, (512, 8, 16)
     batches = {s: FLAGS.batch or {"B": FLAGS.batch_b, "L": FLAGS.batch_l}.get(s, FLAGS.batch_b) for s in sizes}
   dtype = jnp.dtype(FLAGS.dtype)
+  if FLAGS.attention != "auto":
+    import maejax.models.vit as vit_module
+    impl = FLAGS.attention
+    vit_module.attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind)
   cases, model_flops = [], {}
@@ -113,7 +119,8 @@ def main(argv):
   print()
   print(bc.machine_info([f"peak dense bf16: {peak / 1e12:.0f} TFLOP/s" if peak else
                          f"peak dense bf16: N/A (unknown device kind {kind!r})"]))
-  print(f"config: {img}px patch {patch} mask {FLAGS.mask_ratio}, decoder {dec[1]}x{dec[0]}, compute "
+  print(f"attention: {FLAGS.attention}; config: {img}px patch {patch} mask {FLAGS.mask_ratio}, decoder "
+        f"{dec[1]}x{dec[0]}, compute "
         f"{FLAGS.dtype}, params float32, remat {FLAGS.remat}, AdamW; {FLAGS.steps} timed steps after "
         f"{FLAGS.warmup} warm-up, interleaved")
   print(bc.case_table(cases, "MAE pretraining step"))
