@@ -30,7 +30,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from maejax.data import folds
-from maejax.data.images import BadInputs, encode_image, face_crop, index_frames, load_rgb, read_landmarks_csv
+from maejax.data.images import (
+  BadInputs,
+  au_features,
+  encode_image,
+  face_crop,
+  index_frames,
+  load_rgb,
+  read_landmarks_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +148,7 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
       builder=self,
       description="BP4D-Spontaneous facial action unit occurrence (12 AUs), 256×256 face crops.",
-      features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
-        "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
-        "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
-        "subject": tfds.features.Scalar(dtype=np.int32),
-        "subject_id": tfds.features.Text(),
-        "task": tfds.features.Text(),
-        "frame": tfds.features.Scalar(dtype=np.int32),
-      }),
+      features=au_features(n, IMAGE_SIZE),
       homepage="https://www.cs.binghamton.edu/~lijun/Research/3DFE/3DFE_Analysis.html",
       metadata=tfds.core.MetadataDict(aus=list(folds.BP4D_AUS), parts=[list(p) for p in folds.BP4D_PARTS]),
     )

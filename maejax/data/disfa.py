@@ -30,7 +30,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from maejax.data import folds
-from maejax.data.images import BadInputs, encode_image, face_crop, index_frames, load_rgb, read_landmarks_csv
+from maejax.data.images import (
+  BadInputs,
+  au_features,
+  encode_image,
+  face_crop,
+  index_frames,
+  load_rgb,
+  read_landmarks_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +170,7 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
       builder=self,
       description="DISFA facial action unit intensity and occurrence (8 AUs), left camera, 256×256 crops.",
-      features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
-        "au": tfds.features.Tensor(shape=(n,), dtype=np.int8),
-        "au_intensity": tfds.features.Tensor(shape=(n,), dtype=np.float32),
-        "subject": tfds.features.Scalar(dtype=np.int32),
-        "subject_id": tfds.features.Text(),
-        "task": tfds.features.Text(),
-        "frame": tfds.features.Scalar(dtype=np.int32),
-      }),
+      features=au_features(n, IMAGE_SIZE),
       homepage="http://mohammadmahoor.com/disfa/",
       metadata=tfds.core.MetadataDict(aus=list(folds.DISFA_AUS), parts=[list(p) for p in folds.DISFA_PARTS]),
     )

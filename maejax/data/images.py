@@ -326,3 +326,18 @@ def open_image_source(spec: str, *, data_dir: str | os.PathLike | None = None,
       raise ValueError(f"Bad image source {spec!r}; expected tfds:<name>[:<split>].")
     return TfdsImageSource(name, split=rest[0] if rest else "train", data_dir=data_dir)
   return ImageFolderSource(spec, skip_bad=skip_bad)
+
+
+def au_features(num_aus: int, image_size: int = 256):
+  """The TFDS features of an AU dataset record (BP4D, DISFA): ``image`` JPEG ``(S, S, 3)``, ``au`` int8 (−1 =
+  unknown), ``au_intensity`` float32 (−1 = none), ``subject`` index, ``subject_id``, ``task``, ``frame``."""
+  import tensorflow_datasets as tfds
+  return tfds.features.FeaturesDict({
+    "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="jpeg"),
+    "au": tfds.features.Tensor(shape=(num_aus,), dtype=np.int8),
+    "au_intensity": tfds.features.Tensor(shape=(num_aus,), dtype=np.float32),
+    "subject": tfds.features.Scalar(dtype=np.int32),
+    "subject_id": tfds.features.Text(),
+    "task": tfds.features.Text(),
+    "frame": tfds.features.Scalar(dtype=np.int32),
+  })
