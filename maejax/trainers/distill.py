@@ -77,15 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   trainer = common.create_trainer(init_fn, loss_fn, tx, mesh, config.sharding_rules, config.seed,
                                   config.get("grad_accum_steps", 1), frozen=frozen)
   data = iter(pipeline.mae_pipeline(config.data, config.batch_size, img, config.seed))
-  fixed = pipeline.fixed_images(pipeline.make_source(config.data, "test"), config.get("viz_indices", (0, 1)),
-                                img)
-
-  def eval_fn(state, step):
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, f"reconstruction_{step:06d}.png")
-      mae_stage.reconstruction_figure(student_mae, jax.device_get(state.params)["student"], fixed, path,
-                                      config.seed)
-
+  eval_fn = mae_stage.reconstruction_eval(config, student_mae, workdir, lambda params: params["student"])
   model_cfg = dict(mae_stage.model_config(config.model), distill_pairs=[list(p) for p in pairs],
                    teacher=os.path.abspath(d.teacher))
   return common.train_loop(trainer, data, config.total_steps, workdir, config, model_cfg, eval_fn=eval_fn,

@@ -75,14 +75,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   trainer = common.create_trainer(init_fn, mae_loss_fn(model), tx, mesh, config.sharding_rules, config.seed,
                                   config.get("grad_accum_steps", 1))
   data = iter(pipeline.mae_pipeline(config.data, config.batch_size, img, config.seed))
+  eval_fn = reconstruction_eval(config, model, workdir, lambda params: params)
+  return common.train_loop(trainer, data, config.total_steps, workdir, config, model_config(config.model),
+                           eval_fn=eval_fn, name="mae")
+
+
+def reconstruction_eval(config: ml_collections.ConfigDict, model: MAE, workdir: str, mae_params_of):
+  """``eval_fn(state, step)`` writing ``reconstruction_<step>.png`` for fixed held-out images (process 0)."""
   fixed = pipeline.fixed_images(pipeline.make_source(config.data, "test"), config.get("viz_indices", (0, 1)),
-                                img)
+                                model.img_size)
 
   def eval_fn(state, step):
     if jax.process_index() == 0:
       path = os.path.join(workdir, f"reconstruction_{step:06d}.png")
-      reconstruction_figure(model, jax.device_get(state.params), fixed, path, config.seed)
+      reconstruction_figure(model, mae_params_of(jax.device_get(state.params)), fixed, path, config.seed)
       logging.info("wrote %s", path)
 
-  return common.train_loop(trainer, data, config.total_steps, workdir, config, model_config(config.model),
-                           eval_fn=eval_fn, name="mae")
+  return eval_fn
