@@ -2,16 +2,17 @@
 evaluation under a fixed named occlusion per example.
 
 Training record → :class:`AUTrainAugment` (uint8 out):
-  ``image (S, S, 3)``      the clean face after crop / flip / colour jitter (what the teacher sees);
+  ``image (S, S, 3)``      the clean face after shift / flip / colour jitter (what the teacher sees);
   ``occluded (S, S, 3)``   the SAME augmented face with a random occlusion (``occlusion.sample_occlusion``);
   ``patch_frac (L,)``      float32 occluded fraction of every patch (row-major, the ViT token order);
   ``au (N,)``              int8 1 / 0 / −1 (unknown; BP4D's 9).
 Evaluation record → :class:`AUEvalView`: resize, then ``occlusion.occlude(condition, condition_seed(seed,
 index, condition))``, so every model sees the same occluded pixels for the same example.
 
-Augmentations (ME-GraphAU's recipe scaled to any size): resize to ``S·(1 + 1/7)`` (256 for 224), random
-``S`` crop, horizontal flip, colour jitter (brightness / contrast / saturation). Landmarks follow the crop and
-flip so realistic occluders (mask, glasses, hand) land on the face.
+Augmentations (ME-GraphAU's recipe scaled to any size): resize to ``S`` (as the evaluation view), random
+translation by up to ±S/14 px (edge padding; ME-GraphAU's 224-of-256 crop range), horizontal flip, colour
+jitter (brightness / contrast / saturation). Landmarks follow the shift and flip so realistic occluders (mask,
+glasses, hand) land on the face.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -
 
 @dataclasses.dataclass(frozen=True)
 class AUTrainAugment:
-  """Random crop + flip + colour jitter, then the student's occluded view of the same face (see module)."""
+  """Random shift + flip + colour jitter, then the student's occluded view of the same face (see module)."""
 
   size: int
   patch_size: int
@@ -84,16 +85,20 @@ class AUTrainAugment:
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = _as_rgb(record["image"])
     h, w = image.shape[:2]
-    big = int(round(self.size * 8 / 7))
     lm = _landmarks(record, h, w)
-    if (h, w) != (big, big):
-      image = np.asarray(Image.fromarray(image).resize((big, big), Image.BICUBIC))
+    if (h, w) != (self.size, self.size):  # the evaluation view's resize: train and test faces share one scale
+      image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
       if lm is not None:
-        lm = lm * np.array([big / w, big / h], np.float32)
-    top, left = rng.integers(0, big - self.size + 1, size=2)
-    image = image[top:top + self.size, left:left + self.size]
+        lm = lm * np.array([self.size / w, self.size / h], np.float32)
+    # Random translation by up to ±S/14 (ME-GraphAU's 224-of-256 crop range) on an edge-padded image, at the
+    # scale of the evaluation view: cropping S of the resized S·8/7 image instead would show every training face
+    # 8/7 larger than the (plain-resized) test faces.
+    pad = int(round(self.size / 14))
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    top, left = rng.integers(0, 2 * pad + 1, size=2)
+    image = padded[top:top + self.size, left:left + self.size]
     if lm is not None:
-      lm = lm - np.array([left, top], np.float32)
+      lm = lm + np.array([pad - left, pad - top], np.float32)
     if self.flip and rng.random() < 0.5:
       image = image[:, ::-1]
       if lm is not None:

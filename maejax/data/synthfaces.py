@@ -76,7 +76,13 @@ ACTIVE_RANGE = (2.0, 5.0)  # intensity of an active AU ~ U(ACTIVE_RANGE)
 TRACE_PROB = 0.35  # P(trace intensity ~ U(0, 2) | inactive), else exactly 0
 MAX_INTENSITY = 5.0
 # Size of every AU's effect relative to the shapes in ``render_face`` (the difficulty knob of DESIGN.md §7).
-AU_GAIN = 1.3
+AU_GAIN = 1.0
+# Width of AU wrinkles / furrows / folds in face units (≈ 1 px at 64 px).
+WRINKLE = 0.035
+# Face scale: one face unit (≈ half a face width) is FACE_SCALE × the image side; the features (brows to
+# chin) are centred, like a landmark-aligned crop.
+FACE_SCALE = 0.42
+FACE_CENTER_Y = 0.36
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,9 +262,9 @@ class _Canvas:
     self.img = Image.new("RGB", (size * ss, size * ss), background)
     self.draw = ImageDraw.Draw(self.img)
     a = math.radians(frame.angle)
-    unit = 0.30 * size * frame.scale
+    unit = FACE_SCALE * size * frame.scale
     self.m = unit * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    self.c = np.array([size * (0.5 + frame.shift[0]), size * (0.5 + frame.shift[1])])
+    self.c = np.array([size * (0.5 + frame.shift[0]), size * (FACE_CENTER_Y + frame.shift[1])])
 
   def to_px(self, pts: np.ndarray) -> np.ndarray:
     """Face units ``(..., 2)`` → output pixel coordinates ``(..., 2)``."""
@@ -320,14 +326,15 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
   cv = _Canvas(size, _supersample(size), frame, idn.background)
   skin = tuple(idn.skin)
   dark_skin = _mix(skin, (40, 20, 15), 0.45)
-  line_col = lambda t: _shade(skin, (60, 30, 25), t)  # wrinkle / crease of strength t
+  crease_rgb = tuple(int(c * 0.3) for c in skin)  # multiplicative shading: visible on every skin tone
+  line_col = lambda t: _shade(skin, crease_rgb, t)  # wrinkle / crease of strength t
 
   # Fake yaw: features nearer the camera (nose) shift more than the eyes and the face outline.
   yaw = frame.yaw
 
   # --- Hair (back), neck, ears, face outline.
   fw, fh = idn.face_w, idn.face_h
-  jaw = 0.16 * k[26]  # AU26 jaw drop moves the chin and the lower lip down
+  jaw = 0.2 * k[26]  # AU26 jaw drop moves the chin and the lower lip down
   if idn.hair_style != 2:
     back_h = fh * (1.55 if idn.hair_style == 1 else 1.0)
     cv.poly(_ellipse(0, -0.2 + (back_h - fh) * 0.55, fw + 0.14, back_h, 32), idn.hair)
@@ -352,18 +359,23 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
   ex, ey, ew = idn.eye_x, idn.eye_y, idn.eye_w
   eye_c = [np.array([s * ex + yaw * 0.6, ey]) for s in (-1, 1)]
 
+  # Every AU is a geometric change of its region plus the FACS appearance change that comes with it (wrinkles,
+  # furrows, bulges, a dark mouth opening), drawn as shaded lines ``WRINKLE`` face units wide whose darkness
+  # grows with the intensity, so a trace (< 2) looks like a weaker version of an occurrence.
+  wr = WRINKLE
+
   # --- Cheeks (AU6): raised cheek bulge + cheek crease; drawn before the eyes so the lids stay on top.
-  cheek_up = 0.07 * k[6]
+  cheek_up = 0.10 * k[6]
   for s, c in zip((-1, 1), eye_c, strict=True):
     cx = c[0] + s * 0.02
     cy = ey + 0.3 - cheek_up
-    cv.poly(_ellipse(cx, cy, 0.17, 0.10, 20), _mix(skin, (200, 90, 90), 0.12 + 0.1 * k[6]))
+    cv.poly(_ellipse(cx, cy, 0.17, 0.10, 20), _mix(skin, (200, 90, 90), 0.10 + 0.3 * k[6]))
     arc = _ellipse(cx, cy + 0.02, 0.19, 0.12, 9, np.pi * 1.05, np.pi * 1.95)
-    cv.line(arc, line_col(0.12 + 0.35 * k[6]), 0.012)
+    cv.line(arc, line_col(0.1 + 0.7 * k[6]), wr)
 
-  # --- Eyes (AU6 lower lid + crow's feet; AU7 lid tightener).
-  up = idn.eye_up * (1 - 0.18 * k[7])
-  low = idn.eye_low * max(0.15, 1 - 0.35 * k[7] - 0.3 * k[6])
+  # --- Eyes (AU6 lower lid + crow's feet; AU7 lid tightener: lids narrow, tense lower lid line).
+  up = idn.eye_up * (1 - 0.3 * k[7])
+  low = idn.eye_low * max(0.1, 1 - 0.55 * k[7] - 0.3 * k[6])
   tt = np.linspace(-1, 1, 15)
   for s, c in zip((-1, 1), eye_c, strict=True):
     x = c[0] + ew * tt
@@ -384,33 +396,46 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
     pup[:, 1] = np.clip(pup[:, 1], np.interp(pup[:, 0], x, y_up), np.interp(pup[:, 0], x, y_low))
     cv.poly(pup, (15, 12, 12))
     cv.line(np.stack([x, y_up], -1), (35, 25, 22), 0.018)
-    cv.line(np.stack([x, y_low], -1), _shade(skin, (70, 40, 35), 0.5 + 0.3 * k[7]), 0.01)
+    cv.line(np.stack([x, y_low], -1), _shade(skin, (70, 40, 35), 0.4 + 0.6 * k[7]), 0.01 + 0.015 * k[7])
+    if k[7] > 0:  # tensed lower lid: a bulge line under the eye
+      cv.line(np.stack([x[2:-2], (y_low + 0.035)[2:-2]], -1), line_col(0.8 * k[7]), wr)
     crease = np.stack([x[2:-2], c[1] - (up + 0.035) * bulge[2:-2] ** 0.6 + 0.01 * s * tt[2:-2]], -1)
-    cv.line(crease, line_col(0.35), 0.01)
+    cv.line(crease, line_col(0.3), 0.01)
     if k[6] > 0:  # crow's feet at the outer corner
       ox = c[0] + s * (ew + 0.03)
-      for dy in (-0.03, 0.0, 0.03):
-        seg = np.array([[ox, c[1] + dy * 0.5], [ox + s * 0.07 * k[6], c[1] + dy * (1 + 0.8 * k[6])]])
-        cv.line(seg, line_col(0.55 * k[6]), 0.01)
+      for dy in (-0.035, 0.0, 0.035):
+        seg = np.array([[ox, c[1] + dy * 0.5], [ox + s * 0.10 * k[6], c[1] + dy * (1 + 0.8 * k[6])]])
+        cv.line(seg, line_col(0.9 * k[6]), wr)
 
-  # --- Brows (AU1 inner raise, AU2 outer raise, AU4 lowerer + glabella lines).
+  # --- Brows (AU1 inner raise + central forehead lines, AU2 outer raise + lateral forehead lines, AU4 lowerer
+  # + glabella furrows).
   bt = np.linspace(0, 1, 9)  # 0 inner, 1 outer
   for s, c in zip((-1, 1), eye_c, strict=True):
-    bx = c[0] + s * (-0.13 + 0.34 * bt) + s * (-0.05 * k[4]) * (1 - bt)
+    bx = c[0] + s * (-0.13 + 0.34 * bt) + s * (-0.07 * k[4]) * (1 - bt)
     arch = 0.05 * np.sin(np.pi * np.clip(bt * 1.1, 0, 1))
-    lift = 0.11 * k[1] * (1 - bt) ** 1.5 + 0.11 * k[2] * bt ** 1.5 - 0.05 * k[4] * (1 - 0.4 * bt)
+    lift = 0.15 * k[1] * (1 - bt) ** 1.5 + 0.15 * k[2] * bt ** 1.5 - 0.07 * k[4] * (1 - 0.4 * bt)
     by = ey - idn.brow_gap - arch - lift
     half = idn.brow_thick * (1.0 - 0.55 * bt ** 2)
     cv.poly(_thick(np.stack([bx, by], -1), half), idn.brow_color)
+  brow_top = ey - idn.brow_gap - 0.05
+  for j in range(2):
+    yy = brow_top - 0.10 - 0.06 * j
+    if k[1] > 0:  # central forehead: a shallow arch above the inner brows
+      cv.line(_ellipse(yaw * 0.6, yy + 0.04, 0.16, 0.04, 9, np.pi * 1.15, np.pi * 1.85), line_col(0.85 * k[1]), wr)
+    if k[2] > 0:  # lateral forehead: above each outer brow
+      for s, c in zip((-1, 1), eye_c, strict=True):
+        ox = c[0] + s * 0.14
+        cv.line(np.array([[ox - 0.08, yy - 0.02 * s], [ox, yy - 0.03], [ox + 0.08, yy + 0.02 * s]]),
+                line_col(0.85 * k[2]), wr)
   if k[4] > 0:
     for s in (-1, 1):
-      x0 = yaw * 0.6 + s * 0.035
-      cv.line(np.array([[x0, ey - idn.brow_gap - 0.02], [x0 + s * 0.01, ey - idn.brow_gap + 0.07]]),
-              line_col(0.6 * k[4]), 0.012)
+      x0 = yaw * 0.6 + s * 0.04
+      cv.line(np.array([[x0, ey - idn.brow_gap - 0.04], [x0 + s * 0.012, ey - idn.brow_gap + 0.08]]),
+              line_col(0.95 * k[4]), wr)
 
   # --- Nose (AU9 wrinkler: bridge wrinkles, raised and flared nostrils).
-  nx, ny, nw = yaw, idn.nose_y, idn.nose_w * (1 + 0.15 * k[9])
-  nost_y = ny + 0.03 - 0.035 * k[9]
+  nx, ny, nw = yaw, idn.nose_y, idn.nose_w * (1 + 0.2 * k[9])
+  nost_y = ny + 0.03 - 0.045 * k[9]
   for s in (-1, 1):
     side = np.array([[nx + s * 0.05, ey + 0.03], [nx + s * 0.06, ny - 0.08],
                      [nx + s * nw * 1.1, nost_y - 0.03]])
@@ -419,21 +444,22 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
   cv.line(_ellipse(nx, ny - 0.01, nw * 0.7, 0.04, 9, np.pi * 0.15, np.pi * 0.85), line_col(0.3), 0.012)
   if k[9] > 0:
     for j in range(3):
-      yy = ey + 0.07 + 0.04 * j
-      wrinkle = np.array([[nx - 0.05, yy + 0.012], [nx, yy], [nx + 0.05, yy + 0.012]])
-      cv.line(wrinkle, line_col(0.55 * k[9]), 0.01)
+      yy = ey + 0.06 + 0.045 * j
+      wrinkle = np.array([[nx - 0.08, yy + 0.015], [nx, yy], [nx + 0.08, yy + 0.015]])
+      cv.line(wrinkle, line_col(0.95 * k[9]), wr)
 
-  # --- Mouth. AU10 upper-lip raise (+ nasolabial folds), AU12 corners up/out, AU14 dimpler, AU15 corners
-  # down, AU23 tightener (narrow, thin), AU24 pressor (thin, flat), AU25 lips part, AU26 jaw drop,
-  # AU17 chin raiser (lower lip up, chin boss crease).
+  # --- Mouth. AU10 upper-lip raise (+ nasolabial folds), AU12 corners up/out (+ smile folds), AU14 dimpler,
+  # AU15 corners down (+ shaded folds below the corners), AU23 tightener (narrow, thin, rolled lip edges),
+  # AU24 pressor (thin, flat, bulges above and below), AU25 lips part, AU26 jaw drop, AU17 chin raiser (lower
+  # lip up, chin boss crease and dimpling).
   my = idn.mouth_y
   mx = yaw * 0.8
-  mw = idn.mouth_w * (1 + 0.22 * k[12] - 0.12 * k[14] - 0.16 * k[23])
-  corner_dy = -0.075 * k[12] + 0.07 * k[15]
-  th_up = idn.lip_up * max(0.2, 1 - 0.45 * k[23] - 0.35 * k[24]) * (1 - 0.25 * k[12])
-  th_low = idn.lip_low * max(0.2, 1 - 0.45 * k[23] - 0.4 * k[24]) * (1 + 0.35 * k[17])
-  gap = 0.045 * k[25] + 0.75 * jaw
-  raise10 = 0.045 * k[10]
+  mw = idn.mouth_w * (1 + 0.25 * k[12] - 0.15 * k[14] - 0.22 * k[23])
+  corner_dy = -0.10 * k[12] + 0.09 * k[15]
+  th_up = idn.lip_up * max(0.15, 1 - 0.55 * k[23] - 0.5 * k[24]) * (1 - 0.25 * k[12])
+  th_low = idn.lip_low * max(0.15, 1 - 0.55 * k[23] - 0.55 * k[24]) * (1 + 0.35 * k[17])
+  gap = 0.07 * k[25] + 0.75 * jaw
+  raise10 = 0.06 * k[10]
   t = np.linspace(-1, 1, 21)
   x = mx + mw * t
   b = 1 - t ** 2
@@ -441,31 +467,49 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
   y_up_in = y_line - raise10 * 0.35 * b ** 0.5
   y_up_out = y_up_in - th_up * b ** 0.6 - 0.012 * np.cos(np.pi * t) * b - raise10 * b ** 0.4
   y_low_in = y_line + gap * b ** 0.7
-  y_low_out = y_low_in + th_low * b ** 0.6 - 0.035 * k[17] * b
+  y_low_out = y_low_in + th_low * b ** 0.6 - 0.045 * k[17] * b
   if k[10] > 0:  # nasolabial folds deepen as the upper lip rises
     for s in (-1, 1):
       fold = np.array([[nx + s * (nw + 0.03), nost_y + 0.05],
                        [mx + s * (mw + 0.02), my - 0.06 * k[10] + 0.02]])
-      cv.line(fold, line_col(0.5 * k[10]), 0.012)
+      cv.line(fold, line_col(0.9 * k[10]), wr)
+  if k[12] > 0:  # smile folds: curved creases up and out from the raised corners
+    for s in (-1, 1):
+      cx0, cy0 = x[0 if s < 0 else -1], y_line[0]
+      fold = np.array([[cx0 + s * 0.03, cy0 + 0.03], [cx0 + s * 0.07, cy0 - 0.04], [cx0 + s * 0.07, cy0 - 0.12]])
+      cv.line(fold, line_col(0.9 * k[12]), wr)
+  if k[15] > 0:  # depressed corners: shaded folds down from the corners
+    for s in (-1, 1):
+      cx0, cy0 = x[0 if s < 0 else -1], y_line[0]
+      fold = np.array([[cx0, cy0 + 0.01], [cx0 + s * 0.02, cy0 + 0.08], [cx0 + s * 0.015, cy0 + 0.15]])
+      cv.line(fold, line_col(0.9 * k[15]), wr)
   if gap > 0.004:
     inner = np.concatenate([np.stack([x, y_up_in], -1), np.stack([x, y_low_in], -1)[::-1]], 0)
-    cv.poly(inner, (60, 20, 25))
+    cv.poly(inner, (45, 12, 18))
     teeth_h = np.minimum(gap * b ** 0.7, 0.025 + 0.4 * raise10 * b)
     cv.poly(np.concatenate([np.stack([x[3:-3], y_up_in[3:-3]], -1),
                             np.stack([x[3:-3], (y_up_in + teeth_h)[3:-3]], -1)[::-1]], 0), (235, 230, 220))
-  cv.poly(np.concatenate([np.stack([x, y_up_out], -1), np.stack([x, y_up_in], -1)[::-1]], 0), idn.lip)
+  lip_col = _mix(idn.lip, (110, 25, 35), 0.5 * k[23])  # tightened lips: a darker, narrow red margin
+  cv.poly(np.concatenate([np.stack([x, y_up_out], -1), np.stack([x, y_up_in], -1)[::-1]], 0), lip_col)
   cv.poly(np.concatenate([np.stack([x, y_low_in], -1), np.stack([x, y_low_out], -1)[::-1]], 0),
-          _mix(idn.lip, (255, 255, 255), 0.06))
-  cv.line(np.stack([x, y_line if gap <= 0.004 else y_up_in], -1), _mix(idn.lip, (40, 10, 10), 0.5), 0.01)
+          _mix(lip_col, (255, 255, 255), 0.06))
+  cv.line(np.stack([x, y_line if gap <= 0.004 else y_up_in], -1), _mix(idn.lip, (40, 10, 10), 0.5 + 0.4 * k[24]),
+          0.01 + 0.015 * k[24])
+  if k[24] > 0:  # pressed lips bulge the skin above and below the mouth
+    for yy in (y_up_out - 0.035, y_low_out + 0.035):
+      cv.line(np.stack([x[4:-4], yy[4:-4]], -1), line_col(0.75 * k[24]), wr)
   if k[14] > 0:
     for s in (-1, 1):
-      arc = _ellipse(0.0, y_line[-1] + 0.005, 0.02, 0.035, 7, -np.pi / 2, np.pi / 2)
-      arc[:, 0] = mx + s * (mw + 0.045 + arc[:, 0])  # a ")" right of the right corner, mirrored on the left
-      cv.line(arc, line_col(0.6 * k[14]), 0.012)
+      arc = _ellipse(0.0, y_line[-1] + 0.005, 0.025, 0.045, 7, -np.pi / 2, np.pi / 2)
+      arc[:, 0] = mx + s * (mw + 0.05 + arc[:, 0])  # a ")" right of the right corner, mirrored on the left
+      cv.line(arc, line_col(0.95 * k[14]), wr)
   chin_y = fh + jaw
   crease_y = y_low_out.max() + 0.5 * (chin_y - y_low_out.max()) * (1 - 0.3 * k[17])
   cv.line(_ellipse(mx, crease_y - 0.03, 0.11, 0.04, 9, np.pi * 0.2, np.pi * 0.8),
-          line_col(0.15 + 0.45 * k[17]), 0.012)
+          line_col(0.15 + 0.75 * k[17]), 0.012 + 0.012 * k[17])
+  if k[17] > 0:  # chin boss dimpling ("orange peel")
+    for dx, dy in ((-0.05, 0.06), (0.0, 0.09), (0.05, 0.06), (-0.025, 0.13), (0.025, 0.13)):
+      cv.poly(_ellipse(mx + dx, crease_y + dy, 0.018, 0.014, 8), _shade(skin, (90, 50, 40), 0.7 * k[17]))
 
   # --- Output resolution, blur, lighting and noise.
   img = cv.img.reduce(cv.ss)
