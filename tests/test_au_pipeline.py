@@ -179,3 +179,21 @@ def test_occlusion_bce_matches_formula():
   s = 1 / (1 + np.exp(-logits))
   ref = np.mean(-(t * np.log(s) + (1 - t) * np.log(1 - s)))
   np.testing.assert_allclose(float(au_trainer.occlusion_bce(jnp.asarray(logits), jnp.asarray(t))), ref, rtol=1e-5)
+
+
+def test_train_view_has_the_eval_scale(source):
+  """Training faces are shifted copies of the evaluation view (same scale), never zoomed: the old S·8/7 resize
+  + S crop showed every training face 14 % larger than the faces the model is evaluated on."""
+  rec = source[2]
+  ev = au_pipeline.AUEvalView(32, 8, 12, "clean")(2, rec)["image"]
+  pad = 2  # round(32 / 14)
+  padded = np.pad(ev, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+  crops = {(t, l): padded[t:t + 32, l:l + 32] for t in range(2 * pad + 1) for l in range(2 * pad + 1)}
+  aug = au_pipeline.AUTrainAugment(32, 8, 12, occlude=False, jitter=0.0, flip=False)
+  shifts = set()
+  for seed in range(12):
+    img = aug(rec, np.random.default_rng(seed))["image"]
+    hits = [k for k, c in crops.items() if np.array_equal(img, c)]
+    assert hits, f"seed {seed}: training view is not a shifted evaluation view"
+    shifts.update(hits)
+  assert len(shifts) > 1  # the translation is random
