@@ -34,3 +34,15 @@ def au_smoke_run(tmp_path_factory):
       f.write(p.stdout + p.stderr)
   with open(log) as f:
     return types.SimpleNamespace(workdir=Path(wd), output=f.read())
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under ``pytest -n N --dist loadgroup``, keep every user of a shared expensive fixture on one worker, so the
+  fixture runs once per session instead of once per worker."""
+  import pytest as _pytest
+  groups = {"au_smoke_run": "au_smoke", "uninterrupted": "mae_smoke"}
+  for item in items:
+    for fixture, group in groups.items():
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(_pytest.mark.xdist_group(group))
+        break
