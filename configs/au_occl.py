@@ -7,22 +7,12 @@ faces), ``:bench`` (more steps, ≤ 30 min; ``--config.seed=N`` for repeats), ``
 A stage whose final checkpoint exists in DIR is skipped; ``--config.mode=eval`` only rebuilds the report.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from maejax.config_utils import load_sibling
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"_maejax_cfg_{name}", os.path.join(os.path.dirname(__file__),
-                                                                                     f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-au_finetune = _load("au_finetune")
-mae_pretrain = _load("mae_pretrain")
+au_finetune = load_sibling(__file__, "au_finetune")
+mae_pretrain = load_sibling(__file__, "mae_pretrain")
 common = au_finetune.common
 
 VARIANTS = ("default", "bench", "smoke", "bp4d", "disfa")

@@ -5,19 +5,10 @@ block 8 aligned to teacher block 17 (0-based)."""
 
 import ml_collections
 
-try:
-  from configs import common, mae_pretrain
-except ImportError:  # loaded by path through config_flags
-  import importlib.util
-  import os
+from maejax.config_utils import load_sibling
 
-  def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_maejax_cfg_{name}",
-                                                  os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-  common, mae_pretrain = _load("common"), _load("mae_pretrain")
+common = load_sibling(__file__, "common")
+mae_pretrain = load_sibling(__file__, "mae_pretrain")
 
 VARIANTS = ("tiny", "smoke", "vit_l_to_vit_b")
 

@@ -3,15 +3,9 @@
 
 import ml_collections
 
-try:
-  from configs import common
-except ImportError:  # loaded by path through config_flags
-  import importlib.util
-  import os
-  _spec = importlib.util.spec_from_file_location("_maejax_cfg_common",
-                                                 os.path.join(os.path.dirname(__file__), "common.py"))
-  common = importlib.util.module_from_spec(_spec)
-  _spec.loader.exec_module(common)
+from maejax.config_utils import load_sibling
+
+common = load_sibling(__file__, "common")
 
 VARIANTS = ("tiny", "smoke", "vit_b", "vit_l", "vit_h")
 
