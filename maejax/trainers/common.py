@@ -150,7 +150,7 @@ def lr_schedule(cfg: ml_collections.ConfigDict, batch_size: int, total_steps: in
   """``lr = base_lr · batch / 256``, linear warmup then cosine to ``min_lr``."""
   peak = cfg.base_lr * batch_size / 256.0 if cfg.get("scale_by_batch", True) else cfg.base_lr
   warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1) if warmup else 0, max(total_steps, 1),
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, 1),
                                             end_value=cfg.get("min_lr", 0.0))
 
 
