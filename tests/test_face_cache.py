@@ -2,6 +2,7 @@
 files detected, one builder among concurrent processes."""
 
 import fcntl
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -11,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from maejax.data import face_cache
+from maejax.data import face_cache, pipeline
 from maejax.data import synthfaces as sf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,3 +125,30 @@ def test_concurrent_builders_render_once(tmp_path):
   cached = face_cache.CachedSynthFaces(ref, str(cache_dir))
   for i in (0, 9, 19):
     assert_same_record(cached[i], ref[i])
+
+
+def load_common_config():
+  spec = importlib.util.spec_from_file_location("cfg_common_face_cache", os.path.join(ROOT, "configs", "common.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_config_cache_dir_at_both_construction_sites(tmp_path):
+  from maejax.trainers import au
+  cfg = load_common_config().synthfaces(32)
+  cfg.num_subjects, cfg.frames_per_subject, cfg.seed = 4, 5, 1
+  cfg.aus = ()  # the AU stages' key (() = BP4D's AUs)
+  cfg.lock()  # as config_flags does: a misspelt key is rejected, cache_dir is a known one
+  with pytest.raises(AttributeError):
+    cfg.cache_dirr = str(tmp_path)
+  assert cfg.cache_dir == face_cache.DEFAULT_CACHE_DIR
+  cfg.cache_dir = str(tmp_path)
+  for make in (pipeline.make_source, au.make_source):
+    src = make(cfg, "test")
+    assert isinstance(src, face_cache.CachedSynthFaces) and src.path.startswith(str(tmp_path))
+    ref = sf.SynthFaces(**DATA, subjects=src.subjects)
+    assert_same_record(src[len(src) - 1], ref[len(ref) - 1])
+  cfg.cache_dir = ""
+  for make in (pipeline.make_source, au.make_source):
+    assert type(make(cfg, "train")) is sf.SynthFaces

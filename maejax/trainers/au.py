@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from maejax import losses, metrics
-from maejax.data import au_pipeline, pipeline, synthfaces
+from maejax.data import au_pipeline, face_cache, pipeline, synthfaces
 from maejax.models.au_model import AUModel, keep_least_occluded
 from maejax.models.vit import vit_size
 from maejax.trainers import common
@@ -71,14 +71,16 @@ def au_names(data_cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
 
 
 def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> Any:
-  """AU records for ``split`` ("train" / "test"): synthetic faces (subject-exclusive split) or the prepared
-  BP4D / DISFA TFDS data of fold ``data.fold`` (1..3)."""
+  """AU records for ``split`` ("train" / "test"): synthetic faces (subject-exclusive split; from the render
+  cache in ``data.cache_dir`` unless it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold``
+  (1..3)."""
   if data_cfg.name == "synthfaces":
     train, test = synthfaces.train_test_subjects(data_cfg.num_subjects, data_cfg.get("test_fraction", 0.25),
                                                  seed=data_cfg.seed)
-    return synthfaces.SynthFaces(seed=data_cfg.seed, num_subjects=data_cfg.num_subjects,
-                                 frames_per_subject=data_cfg.frames_per_subject, image_size=data_cfg.image_size,
-                                 aus=au_names(data_cfg), subjects={"train": train, "test": test}[split])
+    src = synthfaces.SynthFaces(seed=data_cfg.seed, num_subjects=data_cfg.num_subjects,
+                                frames_per_subject=data_cfg.frames_per_subject, image_size=data_cfg.image_size,
+                                aus=au_names(data_cfg), subjects={"train": train, "test": test}[split])
+    return face_cache.maybe_cached(src, data_cfg.get("cache_dir", face_cache.DEFAULT_CACHE_DIR))
   if data_cfg.name in ("bp4d", "disfa"):
     from maejax.data import prepare
     return prepare.data_source(data_cfg.name, f"fold{int(data_cfg.fold)}_{split}",
