@@ -318,6 +318,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3, save_every: int = 1000, with_data: bool = True):
     self.with_data = with_data
+    self.save_every = max(save_every, 1)
     self.manager = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(save_every, 1),
@@ -481,7 +482,8 @@ def train_loop(trainer: Trainer, data_iter: Iterator[Mapping[str, np.ndarray]], 
           jax.block_until_ready(metrics)
           logging.info("%s: first step (compile included) took %.1fs", name, time.time() - t0)
         evaluate = eval_fn is not None and step % config.get("eval_every", 10**9) == 0
-        if ck.manager.should_save(step) or pre.requested or evaluate:
+        # Every ``checkpoint_every`` steps (Orbax's ``should_save`` would also save step 1 of a fresh run).
+        if step % ck.save_every == 0 or pre.requested or evaluate:
           # Only a state whose loss and gradients were finite is saved or evaluated.
           finish_pending(pending)
           pending = None
