@@ -64,7 +64,7 @@ def test_key_follows_dataset_and_renderer(monkeypatch):
 
 def test_parallel_build_uses_the_patched_renderer(tmp_path, monkeypatch):
   """Spawned rendering processes get the parent's (monkeypatched) constants."""
-  monkeypatch.setattr(sf, "AU_GAIN", 2.0)
+  monkeypatch.setattr(sf, "AU_GAIN", sf.AU_GAIN * 1.5 + 0.5)
   path, built = face_cache.ensure_cache(**DATA, cache_dir=str(tmp_path), workers=2, chunk_size=6)
   assert built
   ref = sf.SynthFaces(**DATA)
@@ -73,7 +73,7 @@ def test_parallel_build_uses_the_patched_renderer(tmp_path, monkeypatch):
   for i in range(len(ref)):
     assert_same_record(cached[i], ref[i])
   monkeypatch.undo()
-  assert not np.array_equal(cached[7]["image"], ref[7]["image"])  # the gain changed the pixels
+  assert any(not np.array_equal(cached[i]["image"], ref[i]["image"]) for i in range(len(ref)))  # gain → pixels
 
 
 def test_damaged_file_is_rebuilt_or_named(tmp_path):

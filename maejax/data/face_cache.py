@@ -216,6 +216,11 @@ def ensure_cache(seed: int, num_subjects: int, frames_per_subject: int, image_si
     with contextlib.suppress(ValueError):
       open_arrays(path, expected)
       return path, False
+  if getattr(multiprocessing.current_process(), "_inheriting", False):
+    # A spawned rendering process re-imports the parent's main script; one that builds a cache at import time
+    # would wait forever for the lock its parent holds. (multiprocessing's own check uses the same flag.)
+    raise RuntimeError(f"face cache {path}: a starting worker process is building a face cache while importing "
+                       "the main script; put the script's work under `if __name__ == '__main__':`")
   os.makedirs(cache_dir, exist_ok=True)
   with _file_lock(path + ".lock"):
     if os.path.isdir(path):  # built by another process while this one waited, or damaged
