@@ -1,23 +1,34 @@
 r"""Input pipeline throughput (images/s) vs what the default MAE train step consumes.
 
-  python benchmarks/pipeline.py                       # 64 and 224 px, 0 and 2 grain workers, + tiny train step
-  python benchmarks/pipeline.py --sizes=64 --workers=0 --batches=3 --steps=2   # quick check
+  python benchmarks/pipeline.py                       # 64 and 224 px, 0 and 2 grain workers, rendered and
+                                                      # cached faces, + tiny train step
+  python benchmarks/pipeline.py --sizes=64 --workers=0 --batches=3 --min_seconds=0 --steps=2   # quick check
 
 Pipelines (the project's own ``maejax.data.pipeline.build``: shuffle → random_map(augment) → batch):
-  * ``mae``: synthetic faces rendered at the size, RandomResizedCrop(0.2–1, bicubic) + flip (``mae_pipeline``);
+  * ``mae``: synthetic faces at the size, RandomResizedCrop(0.2–1, bicubic) + flip (``mae_pipeline``);
   * ``au+occl``: synthetic faces + flip + a random training occlusion (``occlusion.sample_occlusion``, placed
     with the face's landmarks, random fill) and its per-patch occluded fraction, as the occluded-AU stage
     needs.
+Two sources of faces:
+  * ``rendered``: ``SynthFaces`` draws every face on request (``data.cache_dir=""``);
+  * ``cached``: the render cache (``maejax.data.face_cache``, ``data.cache_dir``, default the configs' own
+    ``~/.cache/maejax/synthfaces``, so a cache a training run made is reused). It is built (or found) before
+    any timing; the time that took is printed per size (``built`` = rendered by this run, ``reused`` = found).
 Two figures per pipeline:
   * ``1-thread images/s``: the per-image work (source + augmentation) run sequentially in this process: what
-    one core delivers, unaffected by grain's read-ahead;
-  * ``grain images/s``: ``batches × batch / time from creating the iterator to receiving the last batch``.
+    one core delivers, unaffected by grain's read-ahead (≥ ``--elements`` images and ≥ ``--min_seconds``);
+  * ``grain images/s``: ``batches × batch / time from creating the iterator to receiving the last batch``,
+    reading ≥ ``--batches`` batches and for ≥ ``--min_seconds`` (the ``batches`` column says how many).
     grain reads ahead (16 threads in-process, or worker processes, with buffers of hundreds of BATCHES since
     batching happens before ``to_iter_dataset``), so timing batches after a warm-up would mostly time the
-    buffer; counting from creation includes start-up (printed too: time to the first batch) and is a
-    conservative figure. ``images/s after 1st`` leaves start-up out (and may count some read-ahead).
-Pipelines run one at a time (worker processes of an idle pipeline would steal cores from the timed one);
-the train step is timed in the same process afterwards. On this machine the pipeline and the step compete
+    buffer; counting from creation includes start-up (printed too: time to the first batch, ~0.3 s
+    in-process, seconds with worker processes) and is a conservative figure; ``--min_seconds`` spreads that
+    start-up over a few seconds of reading, as a training run spreads it over its steps (a fast source would
+    otherwise be timed mostly on start-up). ``images/s after 1st`` leaves start-up out (and may count some
+    read-ahead).
+Pipelines run one at a time and each is stopped (threads joined, worker processes ended) before the next
+figure: grain's read-ahead would otherwise go on working and steal cores from everything timed after it. The
+train step is timed in the same process afterwards. On this machine the pipeline and the step compete
 for the same cores during training; the ratio says how much headroom the pipeline has in isolation.
 """
 
@@ -38,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from maejax.data import occlusion, pipeline
+from maejax.data import face_cache, occlusion, pipeline
 from maejax.trainers import mae as mae_trainer
 
 FLAGS = flags.FLAGS
@@ -46,9 +57,12 @@ flags.DEFINE_list("sizes", ["64", "224"], "image sizes")
 flags.DEFINE_list("workers", ["0", "2"], "grain worker counts")
 flags.DEFINE_list("views", ["mae", "au+occl"], "pipelines to time")
 flags.DEFINE_integer("batch", 0, "pipeline batch size; 0 = the tiny config's batch size")
-flags.DEFINE_integer("batches", 12, "batches per grain pipeline")
-flags.DEFINE_integer("elements", 64, "images for the 1-thread figure")
+flags.DEFINE_integer("batches", 12, "least batches per grain pipeline")
+flags.DEFINE_integer("elements", 64, "least images for the 1-thread figure")
+flags.DEFINE_float("min_seconds", 3.0, "least seconds per figure (grain's start-up is amortised over them)")
 flags.DEFINE_integer("steps", 5, "timed train steps (median reported)")
+flags.DEFINE_list("sources", ["rendered", "cached"], "face sources: rendered on request and/or the render cache")
+flags.DEFINE_string("cache_dir", "", "render cache directory (default: the config's data.cache_dir)")
 flags.DEFINE_string("config", "", "config argument of configs/mae_pretrain.py (default: the tiny config)")
 
 
@@ -80,9 +94,18 @@ class OccludedAUView:
             "patch_fraction": np.ascontiguousarray(frac)}
 
 
-def make_pipeline(view: str, data_cfg, size: int, batch: int, workers: int, patch: int):
+def data_config(data_cfg, size: int, source: str):
+  """``data_cfg`` at ``size`` px reading faces from ``source`` ("rendered" or "cached")."""
+  if source not in ("rendered", "cached"):
+    raise ValueError(f"unknown source {source!r}; expected 'rendered' or 'cached'")
   cfg = data_cfg.copy_and_resolve_references()
   cfg.image_size = size
+  cfg.cache_dir = (FLAGS.cache_dir or data_cfg.cache_dir) if source == "cached" else ""
+  return cfg
+
+
+def make_pipeline(view: str, data_cfg, size: int, batch: int, workers: int, patch: int):
+  cfg = data_cfg.copy_and_resolve_references()
   cfg.worker_count = workers
   if view == "mae":
     return pipeline.mae_pipeline(cfg, batch, size, seed=0)
@@ -110,38 +133,42 @@ def stop(it, threads_before: set[threading.Thread]) -> None:
     logging.warning("still running after the pipeline stopped: %s", sorted(busy()))
 
 
-def time_grain(ds, batch: int, batches: int) -> tuple[float, float, float]:
-  """``(images/s from iterator creation to the last of ``batches`` batches, seconds to the first batch,
-  images/s after the first batch)``. The last can be flattered by work the read-ahead did before the first
-  batch came out (at most the batches in flight); the first includes start-up."""
+def time_grain(ds, batch: int, batches: int, min_seconds: float) -> tuple[float, float, float, int]:
+  """``(images/s from iterator creation to the last batch, seconds to the first batch, images/s after the first
+  batch, batches read)``, reading at least ``batches`` batches and for at least ``min_seconds``. The third can be
+  flattered by work the read-ahead did before the first batch came out (at most the batches in flight); the
+  first includes start-up."""
   threads = set(threading.enumerate())
   t0 = time.perf_counter()
   it = iter(ds)
   first = None
-  for _ in range(batches):
+  n = 0
+  while n < batches or time.perf_counter() - t0 < min_seconds:
     b = next(it)
+    n += 1
     first = time.perf_counter() - t0 if first is None else first
   total = time.perf_counter() - t0
   if b["image"].shape[0] != batch:
     raise ValueError(f"expected batches of {batch}, got {b['image'].shape}")
   stop(it, threads)
-  after_first = (batches - 1) * batch / (total - first) if batches > 1 else float("nan")
-  return batches * batch / total, first, after_first
+  after_first = (n - 1) * batch / (total - first) if n > 1 else float("nan")
+  return n * batch / total, first, after_first, n
 
 
-def time_one_thread(view: str, data_cfg, size: int, patch: int, elements: int) -> float:
-  """Images/s of source + augmentation run sequentially in this process."""
-  cfg = data_cfg.copy_and_resolve_references()
-  cfg.image_size = size
+def time_one_thread(view: str, cfg, size: int, patch: int, elements: int, min_seconds: float) -> float:
+  """Images/s of source + augmentation run sequentially in this process (≥ ``elements`` images, ≥
+  ``min_seconds``)."""
   source = pipeline.make_source(cfg, "train")
   augment = (pipeline.MAEAugment(size, tuple(cfg.get("crop_scale", (0.2, 1.0)))) if view == "mae"
              else OccludedAUView(patch))
   rng = np.random.default_rng(0)
-  order = rng.permutation(len(source))[:elements]
+  order = rng.permutation(len(source))
   t = time.perf_counter()
-  for i in order:
-    augment(source[int(i)], rng)
-  return elements / (time.perf_counter() - t)
+  n = 0
+  while n < elements or time.perf_counter() - t < min_seconds:
+    augment(source[int(order[n % len(order)])], rng)
+    n += 1
+  return n / (time.perf_counter() - t)
 
 
 def main(argv):
@@ -149,21 +176,34 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   config = load_config(FLAGS.config)
   batch = FLAGS.batch or config.batch_size
+  sizes = [int(s) for s in FLAGS.sizes]
+  cache_notes = []
+  if "cached" in FLAGS.sources:  # build (or find) every cache before anything is timed
+    for size in sizes:
+      cfg = data_config(config.data, size, "cached")
+      t = time.perf_counter()
+      path, built = face_cache.ensure_cache(cfg.seed, cfg.num_subjects, cfg.frames_per_subject, size,
+                                            cfg.cache_dir)
+      cache_notes.append(f"{size}px cache {'built' if built else 'reused'} in {time.perf_counter() - t:.1f} s: "
+                         f"{path}")
+      print("  " + cache_notes[-1], flush=True)
   rows = []
   results = {}
   for view in FLAGS.views:
-    for size in (int(s) for s in FLAGS.sizes):
+    for size in sizes:
       patch = config.model.patch_size if size == config.model.img_size else 16
-      one = time_one_thread(view, config.data, size, patch, FLAGS.elements)
-      print(f"  {view} {size}px, 1 thread: {one:.1f} images/s", flush=True)
-      for workers in (int(w) for w in FLAGS.workers):
-        with bc.RssSampler() as rss:
-          ips, first, after = time_grain(make_pipeline(view, config.data, size, batch, workers, patch), batch,
-                                  FLAGS.batches)
-        results[(view, size, workers)] = ips
-        print(f"  {view} {size}px workers={workers}: {ips:.1f} images/s", flush=True)
-        rows.append([view, size, workers, batch, f"{one:.1f}", f"{ips:.1f}", f"{first:.1f}", f"{after:.1f}",
-                     f"{rss.peak:.0f}"])
+      for source in FLAGS.sources:
+        cfg = data_config(config.data, size, source)
+        one = time_one_thread(view, cfg, size, patch, FLAGS.elements, FLAGS.min_seconds)
+        print(f"  {view} {source} {size}px, 1 thread: {one:.1f} images/s", flush=True)
+        for workers in (int(w) for w in FLAGS.workers):
+          with bc.RssSampler() as rss:
+            ips, first, after, n = time_grain(make_pipeline(view, cfg, size, batch, workers, patch), batch,
+                                              FLAGS.batches, FLAGS.min_seconds)
+          results[(view, source, size, workers)] = ips
+          print(f"  {view} {source} {size}px workers={workers}: {ips:.1f} images/s", flush=True)
+          rows.append([view, source, size, workers, batch, n, f"{one:.1f}", f"{ips:.1f}", f"{first:.1f}",
+                       f"{after:.1f}", f"{rss.peak:.0f}"])
 
   # What the default (tiny) train step consumes, in the same process.
   model = mae_trainer.build_model(config.model)
@@ -177,19 +217,21 @@ def main(argv):
   print()
   print(bc.machine_info([f"config: configs/mae_pretrain.py:{FLAGS.config or 'tiny'} "
                          f"({img}px, patch {model.patch_size}, width {model.width}, depth {model.depth}, "
-                         f"batch {config.batch_size}); synthfaces {config.data.num_subjects} subjects"]))
-  print(bc.table(["view", "px", "grain workers", "batch", "1-thread images/s", "grain images/s",
-                  "s to 1st batch", "images/s after 1st", "peak RSS MiB"], rows,
-                 f"Input pipeline (synthetic faces; grain: {FLAGS.batches} batches from iterator creation)"))
+                         f"batch {config.batch_size}); synthfaces {config.data.num_subjects} subjects × "
+                         f"{config.data.frames_per_subject} frames", *cache_notes]))
+  print(bc.table(["view", "faces", "px", "grain workers", "batch", "batches", "1-thread images/s",
+                  "grain images/s", "s to 1st batch", "images/s after 1st", "peak RSS MiB"], rows,
+                 f"Input pipeline (synthetic faces; grain: ≥ {FLAGS.batches} batches and ≥ {FLAGS.min_seconds:g} s "
+                 "from iterator creation)"))
   print()
   print(bc.case_table([step], f"Train step consumption ({img}px tiny config, jitted, AdamW)"))
   print()
   consume = step.items_per_s
   ratio_rows = []
-  for (view, size, workers), ips in results.items():
+  for (view, source, size, workers), ips in results.items():
     if size == img:
       r = ips / consume
-      ratio_rows.append([f"{view} {size}px, {workers} workers / train step", f"{r:.2f}x",
+      ratio_rows.append([f"{view} {source} {size}px, {workers} workers / train step", f"{r:.2f}x",
                          bc.verdict(r, 3.0) if view == "mae" else "(AU stage: no step to compare yet)"])
   print(bc.table(["pipeline images/s ÷ step images/s", "ratio", "target"], ratio_rows))
 
