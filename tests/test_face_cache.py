@@ -65,7 +65,7 @@ def test_key_follows_dataset_and_renderer(monkeypatch):
 def test_parallel_build_uses_the_patched_renderer(tmp_path, monkeypatch):
   """Spawned rendering processes get the parent's (monkeypatched) constants."""
   monkeypatch.setattr(sf, "AU_GAIN", sf.AU_GAIN * 1.5 + 0.5)
-  path, built = face_cache.ensure_cache(**DATA, cache_dir=str(tmp_path), workers=2, chunk_size=6)
+  path, built = face_cache.ensure_cache(**DATA, cache_dir=str(tmp_path), workers=2, chunk_size=4)
   assert built
   ref = sf.SynthFaces(**DATA)
   cached = face_cache.CachedSynthFaces(ref, str(tmp_path))

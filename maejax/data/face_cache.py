@@ -157,8 +157,9 @@ def _render_into(tmp: str, seed: int, num_subjects: int, frames_per_subject: int
   rows = num_subjects * frames_per_subject
   chunks = [(s, min(s + chunk_size, rows)) for s in range(0, rows, chunk_size)]
   args = (seed, num_subjects, frames_per_subject, image_size)
-  # Daemonic processes (e.g. grain workers) may not start children: render in this process there.
-  parallel = workers > 1 and len(chunks) > 1 and not multiprocessing.current_process().daemon
+  # Starting a process costs about what rendering a few chunks does (it re-imports the main script); daemonic
+  # processes (e.g. grain workers) may not start children: render in this process then.
+  parallel = workers > 1 and len(chunks) > 4 and not multiprocessing.current_process().daemon
   t0 = last_log = time.perf_counter()
   done = 0
 
@@ -199,7 +200,7 @@ def ensure_cache(seed: int, num_subjects: int, frames_per_subject: int, image_si
   Args:
     seed, num_subjects, frames_per_subject, image_size: the ``SynthFaces`` dataset (all its subjects).
     cache_dir: parent directory (``~`` expanded).
-    workers: rendering processes (default ``os.cpu_count()``); ≤ 1, one chunk, or a daemonic caller renders
+    workers: rendering processes (default ``os.cpu_count()``); ≤ 1, ≤ 4 chunks, or a daemonic caller renders
       in this process.
     chunk_size: images per rendering task.
 
