@@ -160,6 +160,8 @@ def _render_into(tmp: str, seed: int, num_subjects: int, frames_per_subject: int
   # Starting a process costs about what rendering a few chunks does (it re-imports the main script); daemonic
   # processes (e.g. grain workers) may not start children: render in this process then.
   parallel = workers > 1 and len(chunks) > 4 and not multiprocessing.current_process().daemon
+  logging.info("face cache: %d chunks of ≤ %d images, %s", len(chunks), chunk_size,
+               f"{min(workers, len(chunks))} processes" if parallel else "in this process")
   t0 = last_log = time.perf_counter()
   done = 0
 
@@ -236,8 +238,8 @@ def ensure_cache(seed: int, num_subjects: int, frames_per_subject: int, image_si
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     workers = (os.cpu_count() or 1) if workers is None else workers
-    logging.info("face cache: rendering %d subjects × %d frames at %d px into %s (%d processes)", num_subjects,
-                 frames_per_subject, image_size, path, workers)
+    logging.info("face cache: rendering %d subjects × %d frames at %d px into %s", num_subjects,
+                 frames_per_subject, image_size, path)
     t0 = time.perf_counter()
     try:
       _render_into(tmp, seed, num_subjects, frames_per_subject, image_size, constants, workers, chunk_size)
