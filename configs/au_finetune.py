@@ -59,9 +59,15 @@ def au_data(variant: str, fold: int = 1) -> ml_collections.ConfigDict:
     d.name = variant
     d.fold = fold
     d.data_dir = ""  # TFDS data_dir of `python -m maejax.data.prepare`
+    d.jitter = 0.2  # colour jitter strength (brightness / contrast / saturation)
+    d.shift = 1 / 14  # max random translation, fraction of the side (ME-GraphAU's 224-of-256 crop)
+    d.flip = True  # random horizontal flip
   else:
     d = common.synthfaces(32 if variant == "smoke" else 64)
-  d.jitter = 0.2
+    # No extra augmentation: the generator already draws pose, scale, shift, lighting, noise and blur per frame.
+    # Measured (tiny teacher, 64 px, batch 64, step 480): WAL loss 0.364 (still flat) with ME-GraphAU's shift /
+    # flip / colour jitter, 0.267 without.
+    d.jitter, d.shift, d.flip = 0.0, 0.0, False
   d.aus = ()  # synthfaces: () = BP4D's 12 AUs
   return d
 
@@ -87,7 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = au_data(variant, int(args.get("fold", 1)))
   if variant == "tiny":
     c.model = model(64, 8, width=128, depth=4, num_heads=4)
-    c.teacher = teacher(300, 100, 64, 1e-3, 3e-4, 0.05, 0.75)
+    # From scratch (init = ""): the encoder trains at the full lr (layer decay 1.0; 0.75 with an MAE init).
+    c.teacher = teacher(900, 200, 64, 1e-3, 3e-4, 0.05, 1.0, warmup=50)
     c.eval = evaluation(768, 128)
   elif variant == "smoke":
     c.model = model(32, 8, width=32, depth=2, num_heads=4, channels=16)

@@ -81,6 +81,7 @@ class AUTrainAugment:
   fills: Sequence[str] = ("black", "mean", "noise")
   jitter: float = 0.2
   flip: bool = True
+  shift: float = 1 / 14  # max translation as a fraction of S (ME-GraphAU's 224-of-256 crop: 1/14)
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     image = _as_rgb(record["image"])
@@ -90,10 +91,10 @@ class AUTrainAugment:
       image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
       if lm is not None:
         lm = lm * np.array([self.size / w, self.size / h], np.float32)
-    # Random translation by up to ±S/14 (ME-GraphAU's 224-of-256 crop range) on an edge-padded image, at the
-    # scale of the evaluation view: cropping S of the resized S·8/7 image instead would show every training face
-    # 8/7 larger than the (plain-resized) test faces.
-    pad = int(round(self.size / 14))
+    # Random translation by up to ±shift·S (ME-GraphAU's 224-of-256 crop range is S/14) on an edge-padded
+    # image, at the scale of the evaluation view: cropping S of the resized S·8/7 image instead would show every
+    # training face 8/7 larger than the (plain-resized) test faces.
+    pad = int(round(self.size * self.shift))
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
     top, left = rng.integers(0, 2 * pad + 1, size=2)
     image = padded[top:top + self.size, left:left + self.size]
@@ -137,12 +138,14 @@ class AUEvalView:
 
 def train_pipeline(source: Any, *, global_batch_size: int, size: int, patch_size: int, num_aus: int, seed: int,
                    occlude: bool = True, conditions: Sequence[str] = occlusion.TRAIN_CONDITIONS,
-                   jitter: float = 0.2, worker_count: int = 0, **kw) -> grain.IterDataset:
+                   jitter: float = 0.2, shift: float = 1 / 14, flip: bool = True, worker_count: int = 0,
+                   **kw) -> grain.IterDataset:
   """Infinite shuffled training batches (see module docstring for the keys)."""
   unknown = [c for c in conditions if c not in occlusion.CONDITIONS]
   if unknown:
     raise ValueError(f"train_conditions: unknown {unknown}; expected names from {sorted(occlusion.CONDITIONS)}")
-  aug = AUTrainAugment(size, patch_size, num_aus, occlude, tuple(conditions), jitter=jitter)
+  aug = AUTrainAugment(size, patch_size, num_aus, occlude, tuple(conditions), jitter=jitter, shift=shift,
+                       flip=flip)
   return build(source, global_batch_size=global_batch_size, seed=seed, augment=aug, worker_count=worker_count,
                **kw)
 

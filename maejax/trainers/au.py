@@ -253,7 +253,8 @@ def fit(name: str, model: AUModel, run: ml_collections.ConfigDict, config: ml_co
         train_src, global_batch_size=run.batch_size, size=img, patch_size=model.patch_size, num_aus=num_aus,
         seed=config.seed + run.get("seed_offset", 0), occlude=teacher is not None,
         conditions=tuple(run.get("train_conditions", au_pipeline.occlusion.TRAIN_CONDITIONS)),
-        jitter=config.data.get("jitter", 0.2), worker_count=config.data.get("worker_count", 0)))
+        jitter=config.data.get("jitter", 0.2), shift=config.data.get("shift", 1 / 14),
+        flip=config.data.get("flip", True), worker_count=config.data.get("worker_count", 0)))
     t0 = time.time()
     state = common.train_loop(trainer, data, run.total_steps, workdir, _merge(config, run), mc, name=name).state
     logging.info("%s: trained in %.0fs", name, time.time() - t0)
