@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mae.checkpoint_every = c.mae.eval_every = c.mae.total_steps
     s1, s2 = (1800, 300) if bench else (900, 200)
     c.teacher = au_finetune.teacher(s1, s2, 64, 1e-3, 3e-4, 0.05, 1.0, warmup=50)
-    c.student = student(300 if bench else 200, 64, 5e-4, 20)
+    c.student = student(300, 64, 5e-4, 20)
     c.student.encoder = "finetune"
     c.student.encoder_init = "teacher"
     c.eval = au_finetune.evaluation(512, 128) if bench else au_finetune.evaluation(192, 96)
