@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETUP = ('pip install -e . && python -m maejax.main --config=configs/mae_pretrain.py',
+SETUP = ('pip install -e . && python -m maejax.main --config=configs/au_occl.py',
          'pip install -e ".[test]" && pytest -q -n 2 --dist loadgroup')
 FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.S | re.M)
 MAEJAX = re.compile(r"python -m (maejax[\w.]*)((?:[ \t]+--[\w.\-]+(?:=[^\s\"']+)?)*)")
