@@ -112,22 +112,27 @@ def _as_rgb(image: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- sources
 
 
+def synthfaces_source(cfg: ml_collections.ConfigDict, split: str, aus: Sequence[int] | None = None) -> Any:
+  """The synthetic faces of ``split`` ("train" / "test": subject-exclusive, ``data.test_fraction``; "all"),
+  read from the render cache in ``data.cache_dir`` (``""`` renders on the fly). ``aus``: default BP4D's 12."""
+  from maejax.data import face_cache, synthfaces
+  train, test = synthfaces.train_test_subjects(cfg.num_subjects, cfg.get("test_fraction", 0.25), seed=cfg.seed)
+  subjects = {"train": train, "test": test, "all": None}
+  if split not in subjects:
+    raise ValueError(f"synthfaces split must be one of {sorted(subjects)}, got {split!r}")
+  src = synthfaces.SynthFaces(seed=cfg.seed, num_subjects=cfg.num_subjects, frames_per_subject=cfg.frames_per_subject,
+                              image_size=cfg.image_size, aus=tuple(aus or synthfaces.BP4D_AUS),
+                              subjects=subjects[split])
+  return face_cache.maybe_cached(src, cfg.get("cache_dir", face_cache.DEFAULT_CACHE_DIR))
+
+
 def make_source(cfg: ml_collections.ConfigDict, split: str = "train") -> Any:
   """A random-access source from ``config.data``: ``synthfaces`` (default; rendered once into
   ``data.cache_dir``, see ``face_cache``; ``""`` renders on the fly), ``folder`` (any folder of images) or
   ``tfds`` (a prepared TFDS dataset, e.g. imagenet2012 or the BP4D/DISFA builders)."""
   name = cfg.name
   if name == "synthfaces":
-    from maejax.data import face_cache, synthfaces
-    train, test = synthfaces.train_test_subjects(cfg.num_subjects, cfg.get("test_fraction", 0.25),
-                                                 seed=cfg.seed)
-    subjects = {"train": train, "test": test, "all": None}
-    if split not in subjects:
-      raise ValueError(f"synthfaces split must be one of {sorted(subjects)}, got {split!r}")
-    src = synthfaces.SynthFaces(seed=cfg.seed, num_subjects=cfg.num_subjects,
-                                frames_per_subject=cfg.frames_per_subject, image_size=cfg.image_size,
-                                subjects=subjects[split])
-    return face_cache.maybe_cached(src, cfg.get("cache_dir", face_cache.DEFAULT_CACHE_DIR))
+    return synthfaces_source(cfg, split)
   if name == "folder":
     from maejax.data import images
     if not cfg.path:

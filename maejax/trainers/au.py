@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 
 from maejax import losses, metrics
-from maejax.data import au_pipeline, face_cache, pipeline, synthfaces
+from maejax.data import au_pipeline, pipeline, synthfaces
 from maejax.models.au_model import AUModel, keep_least_occluded
 from maejax.models.vit import vit_size
 from maejax.trainers import common
@@ -75,12 +75,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> Any:
   cache in ``data.cache_dir`` unless it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold``
   (1..3)."""
   if data_cfg.name == "synthfaces":
-    train, test = synthfaces.train_test_subjects(data_cfg.num_subjects, data_cfg.get("test_fraction", 0.25),
-                                                 seed=data_cfg.seed)
-    src = synthfaces.SynthFaces(seed=data_cfg.seed, num_subjects=data_cfg.num_subjects,
-                                frames_per_subject=data_cfg.frames_per_subject, image_size=data_cfg.image_size,
-                                aus=au_names(data_cfg), subjects={"train": train, "test": test}[split])
-    return face_cache.maybe_cached(src, data_cfg.get("cache_dir", face_cache.DEFAULT_CACHE_DIR))
+    return pipeline.synthfaces_source(data_cfg, split, au_names(data_cfg))
   if data_cfg.name in ("bp4d", "disfa"):
     from maejax.data import prepare
     return prepare.data_source(data_cfg.name, f"fold{int(data_cfg.fold)}_{split}",
