@@ -292,6 +292,7 @@ class CachedSynthFaces:
   def labels(self, index: int) -> dict[str, np.ndarray]:
     """``au`` and ``au_intensity`` of ``index`` (from the cache)."""
     subject, frame = self.source.subject_frame(int(index))
+    # fancy indexing copies out of the map
     inten = self._get()["intensities"][subject * self.source.frames_per_subject + frame][self._au_idx]
     return {"au": (inten >= self.source.threshold).astype(np.int8), "au_intensity": inten}
 
@@ -299,11 +300,9 @@ class CachedSynthFaces:
     subject, frame = self.source.subject_frame(int(index))
     row = subject * self.source.frames_per_subject + frame
     arrays = self._get()
-    inten = arrays["intensities"][row][self._au_idx]  # fancy indexing copies out of the map
     return {
         "image": np.array(arrays["images"][row]),
-        "au": (inten >= self.source.threshold).astype(np.int8),
-        "au_intensity": inten,
+        **self.labels(index),
         "subject": np.int32(subject),
         "frame": np.int32(frame),
         "landmarks": np.array(arrays["landmarks"][row]),
