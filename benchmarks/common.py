@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -170,6 +171,7 @@ class Case:
   peak_rss_mib: float = 0.0
   device_peak_gib: float | None = None
   notes: str = ""
+  compiled: Any = None  # the compiled XLA executable, where there is one (for its HLO text in profiles)
 
   @property
   def median(self) -> float:
@@ -294,4 +296,106 @@ def jax_train_case(name: str, init_fn: Callable, loss_fn: Callable, batch: dict,
     return metrics
 
   return Case(name, step, batch_size, compile_s=compile_s, memory_gib=xla_memory_gib(compiled),
-              flops=xla_flops(compiled))
+              flops=xla_flops(compiled), compiled=compiled)
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+
+_GEMM_KERNEL = re.compile(r"gemm|xmma|nvjet|cutlass|wgmma|cublas|matmul|triton_dot", re.I)
+_ATTN_KERNEL = re.compile(r"sdpa|fmha|flash|attention", re.I)  # cuDNN's fused attention kernels (matched first)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction name → its ``op_name`` metadata (the jax/flax source path) in a compiled module's HLO text."""
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"', hlo_text,
+                       re.M):
+    names.setdefault(m.group(1), m.group(2))
+  return names
+
+
+def _op_group(op_name: str) -> str:
+  """``jit(step)/transpose(jvp(MAE))/decoder/decoder_blocks_3/attn/query/dot_general`` →
+  ``bwd decoder/decoder_blocks_*/attn/query/dot_general``: pass, module path without block indices, primitive."""
+  if not op_name:
+    return "(no metadata)"
+  phase = "bwd" if "transpose(" in op_name else ("fwd" if "jvp(" in op_name else "   ")
+  parts = [p for p in op_name.split("/") if not p.startswith(("jit(", "jvp(", "transpose("))]
+  return f"{phase} " + re.sub(r"_\d+(?=/|$)", "_*", "/".join(parts))
+
+
+def profile_case(case: Case, steps: int, log_dir: str, top: int = 30) -> str:
+  """Runs ``steps`` steps of ``case`` under ``jax.profiler.trace`` and summarises the device time per step.
+
+  Reads the trace's ``*.trace.json.gz`` (written by jaxlib itself; no TensorBoard plugin needed). Device
+  events (GPU/TPU streams; host XLA threads on CPU) are attributed to HLO instructions (``args.hlo_op``) and,
+  through the compiled HLO's metadata, to the flax module path that emitted them. Prints: busy time per step vs
+  the measured step time (the rest is idle: launch gaps or host work), a kernel-class split (matmul, fused
+  attention, everything else) and the ``top`` groups by time.
+  """
+  import glob
+  import gzip
+  import json
+  import shutil
+
+  import jax
+  shutil.rmtree(log_dir, ignore_errors=True)
+  case.step()  # nothing left from before in the queue
+  t = time.perf_counter()
+  with jax.profiler.trace(log_dir):
+    for _ in range(steps):
+      case.step()
+  wall = (time.perf_counter() - t) / steps
+  files = sorted(glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+  if not files:
+    return f"profile of {case.name}: no trace file under {log_dir}"
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device_pids = {p for p, n in procs.items() if "/device:" in n}
+  # GPU traces hold the kernels on "Stream #…" lines and derived copies of them ("XLA Ops", "XLA Modules"):
+  # count the streams only; TPU traces have the "XLA Ops" line; CPU traces the host XLA threads.
+  dev_threads = {k: n for k, n in threads.items() if k[0] in device_pids}
+  keep = ({k for k, n in dev_threads.items() if "stream" in n.lower()}
+          or {k for k, n in dev_threads.items() if n == "XLA Ops"} or set(dev_threads))
+  if device_pids:
+    ops = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in keep]
+  else:
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+  counts: dict[str, int] = {}
+  for e in ops:
+    line = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+    counts[line] = counts.get(line, 0) + 1
+  names = hlo_op_names(case.compiled.as_text()) if case.compiled is not None else {}
+  groups: dict[str, float] = {}
+  classes = {"matmul kernels": 0.0, "fused attention kernels": 0.0, "other (elementwise, reductions, copies)": 0.0}
+  kernels: dict[str, float] = {}
+  for e in ops:
+    dur = e.get("dur", 0.0) / 1e3 / steps  # ms per step
+    hlo_op = e.get("args", {}).get("hlo_op")
+    g = _op_group(names.get(hlo_op, "")) if hlo_op else f"(kernel without hlo_op) {e['name'][:50]}"
+    groups[g] = groups.get(g, 0.0) + dur
+    key = ("fused attention kernels" if _ATTN_KERNEL.search(e["name"]) else
+           "matmul kernels" if _GEMM_KERNEL.search(e["name"]) else "other (elementwise, reductions, copies)")
+    classes[key] += dur
+    kernels[e["name"][:60]] = kernels.get(e["name"][:60], 0.0) + dur
+  busy = sum(classes.values())
+  step_ms = wall * 1e3
+  out = [f"profile of {case.name}: {steps} steps traced ({files[-1]}), {len(ops) // max(steps, 1)} device ops "
+         f"per step; {'device streams' if device_pids else 'host XLA threads (no device streams)'}: "
+         + ", ".join(f"{n!r} {c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1])[:6]),
+         f"step {step_ms:.2f} ms (traced), device busy {busy:.2f} ms ({100 * busy / step_ms:.0f} %; summed over "
+         "streams and threads, so it can exceed 100 % where they overlap)"]
+  out.append(table(["kernel class", "ms/step", "% of busy"],
+                   [[k, f"{v:.2f}", f"{100 * v / max(busy, 1e-9):.1f}"] for k, v in classes.items()]))
+  rows = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+  out.append(table(["pass + module path + primitive", "ms/step", "% of busy"],
+                   [[g, f"{v:.3f}", f"{100 * v / max(busy, 1e-9):.1f}"] for g, v in rows],
+                   f"top {len(rows)} of {len(groups)} groups"))
+  krows = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+  out.append(table(["kernel (first 60 chars)", "ms/step", "% of busy"],
+                   [[k.replace("|", "/"), f"{v:.3f}", f"{100 * v / max(busy, 1e-9):.1f}"] for k, v in krows],
+                   "top kernels"))
+  return "\n\n".join(out)

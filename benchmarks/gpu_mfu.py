@@ -3,6 +3,15 @@ r"""MAE pretraining throughput and MFU on one accelerator: ViT-B/16 and ViT-L/16
   python benchmarks/gpu_mfu.py                    # ViT-B batch 256, ViT-L batch 128, 224 px (< 5 min on an H100)
   python benchmarks/gpu_mfu.py --models=L --batch_l=256 --remat
   python benchmarks/gpu_mfu.py --tiny             # CPU-sized check of the script (seconds)
+  python benchmarks/gpu_mfu.py --attention=xla,cudnn_pad --profile_steps=3 --check_attention
+
+``--attention`` takes a list: every (model, attention) pair is one case of the same interleaved table.
+``auto`` is maejax's default (``models.vit.attention``); ``xla``/``cudnn`` call ``jax.nn.dot_product_attention``
+with that implementation; ``cudnn_pad`` is ``models.vit.padded_attention`` (sequence zero-padded to a multiple of
+8, padded keys masked by length) because cuDNN's fused attention rejects the odd ViT lengths (50, 197) in
+training. ``--check_attention`` first compares each implementation's bf16 output and gradients with a float32
+XLA reference on the MAE encoder/decoder shapes. ``--profile_steps`` traces that many steps of every case with
+``jax.profiler`` and prints where the device time goes (``common.profile_case``).
 
 MFU = model FLOPs per step / step time / peak dense bf16 FLOP/s of the device. Model FLOPs are analytic (see
 ``mae_step_flops``): encoder on the visible tokens (1 + K, K = int(L·(1 − r))) and decoder on all 1 + L tokens,
@@ -14,6 +23,9 @@ op, but fused attention kernels (custom calls, e.g. cuDNN) may be missing from i
 """
 
 from __future__ import annotations
+
+import itertools
+import os
 
 import common as bc  # benchmarks/common.py; also puts the repo root on sys.path
 import jax
@@ -37,8 +49,11 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "computation dty
 flags.DEFINE_bool("remat", False, "rematerialise blocks (less memory, ~1/3 more compute, not counted in MFU)")
 flags.DEFINE_integer("steps", 10, "timed steps per model (median reported)")
 flags.DEFINE_integer("warmup", 2, "untimed steps per model after compilation")
-flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
-                  "jax.nn.dot_product_attention implementation on GPU (auto = maejax's default)")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "cudnn_pad")
+flags.DEFINE_list("attention", ["auto"], f"attention implementations to compare, from {ATTENTION_CHOICES}")
+flags.DEFINE_integer("profile_steps", 0, "trace this many steps of every case and print the device-time split")
+flags.DEFINE_string("profile_dir", "/tmp/maejax_profile", "where the traces go (one sub-folder per case)")
+flags.DEFINE_bool("check_attention", False, "compare attention implementations with a float32 reference first")
 flags.DEFINE_bool("tiny", False, "CPU-sized check: a 'mu' ViT at 32 px, batch 4, 1×32 decoder")
 
 # Peak dense bf16 FLOP/s per chip, matched against jax's device_kind (first match wins).
@@ -84,6 +99,44 @@ def mae_step_flops(size: str, img_size: int, patch_size: int, mask_ratio: float,
   return 3.0 * batch * (encoder + decoder)
 
 
+def attention_fn(name: str):
+  """The attention function a case patches into ``models.vit`` (see the module docstring)."""
+  import maejax.models.vit as vit_module
+  if name not in ATTENTION_CHOICES:
+    raise ValueError(f"unknown --attention {name!r}; expected one of {ATTENTION_CHOICES}")
+  if name == "auto":
+    return vit_module.attention
+  if name == "cudnn_pad":
+    return vit_module.padded_attention
+  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=name)
+
+
+def check_attention(names, shapes, dtype) -> None:
+  """Relative error ‖out − ref‖/‖ref‖ of each implementation's output and q/k/v gradients vs float32 XLA."""
+  ref_fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  rows = []
+  for b, t, h, d in shapes:
+    keys = jax.random.split(jax.random.key(t), 4)
+    q, k, v, ct = (jax.random.normal(kk, (b, t, h, d), jnp.float32) for kk in keys)
+    def value_and_grads(fn, dt, q=q, k=k, v=v, ct=ct):
+      def cast_fn(q32, k32, v32):
+        return fn(q32.astype(dt), k32.astype(dt), v32.astype(dt)).astype(jnp.float32)
+      out, vjp = jax.vjp(cast_fn, q, k, v)
+      return (out, *vjp(ct))
+    ref = jax.jit(lambda: value_and_grads(ref_fn, jnp.float32))()
+    for name in names:
+      try:
+        got = jax.jit(lambda n=name: value_and_grads(attention_fn(n), dtype))()
+        errs = [float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r)) for a, r in zip(got, ref, strict=True)]
+        finite = all(bool(jnp.isfinite(a).all()) for a in got)
+        rows.append([f"{b}x{t}x{h}x{d}", name, *(f"{e:.2e}" for e in errs), str(finite)])
+      except Exception as e:  # noqa: BLE001 - report and go on: the point is to see which kernels run
+        rows.append([f"{b}x{t}x{h}x{d}", name, f"FAILED: {type(e).__name__}: {str(e)[:80]}", "", "", "", ""])
+  print(bc.table(["B×T×H×Dh", "attention", "out", "dq", "dk", "dv", "finite"], rows,
+                 f"attention vs float32 XLA reference, computed in {jnp.dtype(dtype).name} (relative L2 error)"))
+  print(flush=True)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -94,23 +147,34 @@ def main(argv):
     sizes, img, patch, dec = FLAGS.models, FLAGS.img_size, FLAGS.patch_size, (512, 8, 16)
     batches = {s: FLAGS.batch or {"B": FLAGS.batch_b, "L": FLAGS.batch_l}.get(s, FLAGS.batch_b) for s in sizes}
   dtype = jnp.dtype(FLAGS.dtype)
-  if FLAGS.attention != "auto":
-    import maejax.models.vit as vit_module
-    impl = FLAGS.attention
-    vit_module.attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl)
+  import maejax.models.vit as vit_module
+  default_attention = vit_module.attention
+  if FLAGS.check_attention:
+    seq = (img // patch) ** 2
+    shapes = [(8, 1 + num_kept(seq, FLAGS.mask_ratio), 12, 64), (8, 1 + seq, 16, 32)]
+    check_attention(FLAGS.attention, shapes, dtype)
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind)
   cases, model_flops = [], {}
   dummy = jnp.zeros((1, img, img, 3), jnp.float32)
-  for size in sizes:
+  failed = []
+  for size, attn in itertools.product(sizes, FLAGS.attention):
+    vit_module.attention = attention_fn(attn)
     model = MAE(img_size=img, patch_size=patch, **vit_size(size), decoder_width=dec[0], decoder_depth=dec[1],
                 decoder_heads=dec[2], mask_ratio=FLAGS.mask_ratio, norm_pix_loss=True, dtype=dtype,
                 remat=FLAGS.remat)
     b = batches[size]
     images = np.random.default_rng(0).integers(0, 256, (b, img, img, 3), dtype=np.uint8)
-    case = bc.jax_train_case(f"ViT-{size}/{patch} MAE, batch {b}",
-                             lambda r, m=model: m.init({"params": r, "masking": r}, dummy),
-                             mae_loss_fn(model), {"image": images})
+    name = f"ViT-{size}/{patch} MAE, batch {b}, attention {attn}"
+    try:
+      case = bc.jax_train_case(name, lambda r, m=model: m.init({"params": r, "masking": r}, dummy),
+                               mae_loss_fn(model), {"image": images})
+    except Exception as e:  # noqa: BLE001 - one unsupported kernel must not cost the other cases
+      failed.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+      print(f"FAILED to build {failed[-1]}", flush=True)
+      continue
+    finally:
+      vit_module.attention = default_attention
     print(f"compiled {case.name} in {case.compile_s:.1f}s", flush=True)
     model_flops[case.name] = mae_step_flops(size, img, patch, FLAGS.mask_ratio, dec[0], dec[1], b)
     cases.append(case)
@@ -136,6 +200,12 @@ def main(argv):
                  f"{achieved / 1e12:.2f}", mfu, xla_mfu])
   print(bc.table(["model", "ms/step", "images/s", "model FLOPs/step", "XLA flops/step (÷ model)",
                   "achieved TFLOP/s", "MFU", "MFU (XLA flops)"], rows, "Model FLOPs utilisation"))
+  for f in failed:
+    print(f"not run: {f}")
+  if FLAGS.profile_steps:
+    for i, c in enumerate(cases):
+      print()
+      print(bc.profile_case(c, FLAGS.profile_steps, os.path.join(FLAGS.profile_dir, f"case{i}")), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (jax/flax/optax/orbax/torch preinstalled there; grain and
-# ml_collections travel as wheels in .whl/). 1) GPU correctness: the model-core, graph-head and HF-parity
-# tests on the GPU with fp32 matmuls; 2) bf16 MAE pretraining MFU for ViT-B and ViT-L.
+# ml_collections travel as wheels in .whl/):
+#  1) bf16 MAE pretraining MFU for ViT-B and ViT-L with XLA attention and cuDNN fused attention (sequence padded,
+#     models.vit.padded_attention), after a bf16-vs-float32 check of both attention paths, and a jax.profiler
+#     split of every case's device time;
+#  2) the best ViT-B case again with XLA's Triton GEMMs off (cuBLAS only), in its own process (XLA_FLAGS);
+#  3) the model-core tests on the GPU with float32 matmuls.
+# Each part has its own timeout, so a slow one still leaves the others' output in $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,9 +16,12 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+quiet() { grep -v "^I1\|^W1\|^I0\|^W0\|round [0-9]*/\|warm-up"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_mae_core.py tests/test_au_graph.py tests/test_parity_hf.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-timeout "${MFU_TIMEOUT:-330}" python3 benchmarks/gpu_mfu.py "$@" 2>&1 | grep -v "^I1\|^W1\|^I0\|^W0" \
-  | tee "$OUT/gpu_mfu.txt"
+timeout "${MFU_TIMEOUT:-300}" python3 benchmarks/gpu_mfu.py --attention=xla,cudnn_pad --check_attention \
+  --profile_steps=3 "$@" 2>&1 | quiet | tee "$OUT/gpu_mfu.txt"
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false timeout "${VARIANT_TIMEOUT:-80}" python3 benchmarks/gpu_mfu.py \
+  --models=B --attention=cudnn_pad --steps=6 2>&1 | quiet | tail -4 | tee "$OUT/gpu_mfu_no_triton_gemm.txt"
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_mae_core.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"

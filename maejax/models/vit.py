@@ -141,6 +141,26 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+def padded_attention(q: Array, k: Array, v: Array, multiple: int = 8, implementation: str | None = "cudnn"
+                     ) -> Array:
+  """Attention through ``jax.nn.dot_product_attention(implementation=…)`` for any sequence length ``T``.
+
+  cuDNN's fused (flash) attention rejects odd lengths in training, and ViT sequences are odd (cls + 14² = 197).
+  q, k, v ``(B, T, H, Dh)`` are zero-padded along ``T`` to a multiple of ``multiple``; the padded keys are
+  masked out through ``key_value_seq_lengths`` (so every real query attends to exactly the ``T`` real keys)
+  and the padded query rows are sliced off, so they receive no gradient. Same result as :func:`attention`.
+  """
+  b, t = q.shape[:2]
+  padded = -(-t // multiple) * multiple
+  if padded != t:
+    widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
+  lengths = jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate per-head q/k/v kernels ``(D, H, Dh)``."""
 
