@@ -311,6 +311,7 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   for m in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"', hlo_text,
                        re.M):
     names.setdefault(m.group(1), m.group(2))
+    names.setdefault(m.group(1).replace(".", "_"), m.group(2))  # GPU kernels are named with "_" for "."
   return names
 
 
@@ -375,7 +376,8 @@ def profile_case(case: Case, steps: int, log_dir: str, top: int = 30) -> str:
   for e in ops:
     dur = e.get("dur", 0.0) / 1e3 / steps  # ms per step
     hlo_op = e.get("args", {}).get("hlo_op")
-    g = _op_group(names.get(hlo_op, "")) if hlo_op else f"(kernel without hlo_op) {e['name'][:50]}"
+    g = (_op_group(names.get(hlo_op) or names.get(hlo_op.replace(".", "_"), "")) if hlo_op
+         else f"(kernel without hlo_op) {e['name'][:50]}")
     groups[g] = groups.get(g, 0.0) + dur
     key = ("fused attention kernels" if _ATTN_KERNEL.search(e["name"]) else
            "matmul kernels" if _GEMM_KERNEL.search(e["name"]) else "other (elementwise, reductions, copies)")

@@ -6,7 +6,8 @@ r"""MAE pretraining throughput and MFU on one accelerator: ViT-B/16 and ViT-L/16
   python benchmarks/gpu_mfu.py --attention=xla,cudnn_pad --profile_steps=3 --check_attention
 
 ``--attention`` takes a list: every (model, attention) pair is one case of the same interleaved table.
-``auto`` is maejax's default (``models.vit.attention``); ``xla``/``cudnn`` call ``jax.nn.dot_product_attention``
+``auto`` is maejax's default (``models.vit.attention``: XLA unless ``MAEJAX_ATTENTION=cudnn``);
+``xla``/``cudnn`` call ``jax.nn.dot_product_attention``
 with that implementation; ``cudnn_pad`` is ``models.vit.padded_attention`` (sequence zero-padded to a multiple of
 8, padded keys masked by length) because cuDNN's fused attention rejects the odd ViT lengths (50, 197) in
 training. ``--check_attention`` first compares each implementation's bf16 output and gradients with a float32

@@ -17,6 +17,7 @@ training system can shard by rules.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,20 +131,19 @@ def _p(init, *axes):
 def attention(q: Array, k: Array, v: Array) -> Array:
   """``softmax(q·kᵀ / sqrt(Dh)) v`` for ``(B, T, H, Dh)`` inputs.
 
-  * GPU, bf16/fp16: cuDNN's fused (flash) attention through :func:`padded_attention`; on an H100 the ViT-B
-    MAE step (batch 256, bf16) ran 1.52× faster than with XLA's attention (100.0 → 65.8 ms,
-    ``benchmarks/gpu_mfu.py``), and it stores no ``T × T`` scores. Where cuDNN cannot run it (no cuDNN,
-    an older GPU, an unsupported head dim) XLA's attention is used.
-  * GPU float32, TPU: ``jax.nn.dot_product_attention`` (XLA).
+  * GPU/TPU: ``jax.nn.dot_product_attention`` (XLA).
+  * GPU, bf16/fp16, opt-in with ``MAEJAX_ATTENTION=cudnn``: cuDNN's fused (flash) attention through
+    :func:`padded_attention`. On an H100 the ViT-B MAE step (batch 256, bf16) ran 1.52× faster than with XLA's
+    attention (100.0 → 65.8 ms, ``benchmarks/gpu_mfu.py``, with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``).
+    Not the default: with XLA's default flags (Triton GEMMs on) two processes using it stalled, unexplained
+    (benchmarks/README.md).
   * XLA:CPU: an explicit einsum softmax, measured ~1.5x faster forward+backward there for ViT-sized heads
     (benchmarks/README.md).
   """
   backend = jax.default_backend()
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    try:
-      return padded_attention(q, k, v)
-    except (NotImplementedError, RuntimeError):  # raised while tracing, before anything runs
-      pass
+  if os.environ.get("MAEJAX_ATTENTION", "") == "cudnn" and backend == "gpu" and q.dtype in (jnp.bfloat16,
+                                                                                            jnp.float16):
+    return padded_attention(q, k, v)
   if backend != "cpu":
     return jax.nn.dot_product_attention(q, k, v)
   scale = q.shape[-1] ** -0.5
