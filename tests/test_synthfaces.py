@@ -144,6 +144,22 @@ def test_base_rates_other_threshold():
   np.testing.assert_array_less(np.abs(y.mean(0) - p), 4 * np.sqrt(p * (1 - p) / n) + 1e-3)
 
 
+@pytest.mark.parametrize("trace_max,threshold", [(1.0, 2.0), (2.0, 1.0), (1.0, 0.5)])
+def test_trace_range_and_base_rates(monkeypatch, trace_max, threshold):
+  """Traces ~ U(0, TRACE_MAX): none reaches the threshold when TRACE_MAX ≤ threshold; the sampled rates match
+  ``expected_base_rates``, whose inactive term is TRACE_PROB · P(U(0, TRACE_MAX) ≥ threshold)."""
+  monkeypatch.setattr(sf, "TRACE_MAX", trace_max)
+  rng = np.random.default_rng(7)
+  n = 4000
+  inten = np.stack([sf.sample_intensities(rng) for _ in range(n)])
+  lo = sf.ACTIVE_RANGE[0]
+  traces = inten[(inten > 0) & (inten < lo)]
+  assert traces.max() < trace_max
+  p = sf.expected_base_rates(sf.ALL_AUS, threshold=threshold)
+  y = (inten >= threshold).mean(0)
+  np.testing.assert_array_less(np.abs(y - p), 4 * np.sqrt(p * (1 - p) / n) + 1e-3)
+
+
 def test_subject_splits():
   for num in (10, 60):
     folds = sf.subject_folds(num, 3)

@@ -10,7 +10,7 @@ Generative model of one example:
     gradient, pixel noise and a slight blur;
   * AUs (from ``(seed, subject, frame)``): one expression prototype from ``EXPRESSIONS`` switches AUs on with
     per-AU probabilities, independent per-AU noise (``AU_NOISE``) switches more on. An active AU gets an
-    intensity ~ U(2, 5); an inactive one is 0 or, with probability ``TRACE_PROB``, a trace ~ U(0, 2).
+    intensity ~ U(2, 5); an inactive one is 0 or, with probability ``TRACE_PROB``, a trace ~ U(0, ``TRACE_MAX``).
     Occurrence = intensity ≥ ``threshold`` (2 by default, as in DISFA), so labels near the threshold are
     genuinely ambiguous, as in real data.
 
@@ -73,7 +73,8 @@ AU_NOISE: dict[int, float] = {
 }
 
 ACTIVE_RANGE = (2.0, 5.0)  # intensity of an active AU ~ U(ACTIVE_RANGE)
-TRACE_PROB = 0.35  # P(trace intensity ~ U(0, 2) | inactive), else exactly 0
+TRACE_PROB = 0.35  # P(trace intensity ~ U(0, TRACE_MAX) | inactive), else exactly 0
+TRACE_MAX = 2.0  # traces reach up to the active range: labels at the threshold are ambiguous
 MAX_INTENSITY = 5.0
 # Size of every AU's effect relative to the shapes in ``render_face`` (the difficulty knob of DESIGN.md §7).
 # 2.0 (with 0.06-wide wrinkles): at 1.0 / 0.035 the tiny ViT of the default run stayed near chance for the first
@@ -114,7 +115,7 @@ def sample_intensities(rng: np.random.Generator) -> np.ndarray:
   u = rng.random((4, len(ALL_AUS)))
   active = u[0] < p_active[e]
   lo, hi = ACTIVE_RANGE
-  trace = np.where(u[1] < TRACE_PROB, lo * u[2], 0.0)
+  trace = np.where(u[1] < TRACE_PROB, TRACE_MAX * u[2], 0.0)
   return np.where(active, lo + (hi - lo) * u[3], trace).astype(np.float32)
 
 
@@ -123,7 +124,8 @@ def _occurrence_given_expression(threshold: float) -> tuple[np.ndarray, np.ndarr
   pi, p_active = _active_table()
   lo, hi = ACTIVE_RANGE
   occ_if_active = float(np.clip((hi - threshold) / (hi - lo), 0.0, 1.0))
-  occ_if_inactive = 1.0 if threshold <= 0 else TRACE_PROB * float(np.clip((lo - threshold) / lo, 0.0, 1.0))
+  occ_if_inactive = 1.0 if threshold <= 0 else TRACE_PROB * float(
+      np.clip((TRACE_MAX - threshold) / TRACE_MAX, 0.0, 1.0))
   return pi, p_active * occ_if_active + (1.0 - p_active) * occ_if_inactive
 
 
