@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.conditions = EVAL_CONDITIONS
   if "seed" in args:
     c.seed = int(args["seed"])
+  # One seed for the whole chain: the MAE stage follows config.seed (also when --config.seed=N overrides it).
+  c.mae.seed = c.get_ref("seed")
 
   # Students: config.student overridden per name.
   c.students = ml_collections.ConfigDict({
