@@ -34,6 +34,15 @@ def test_configs_load():
     _config("huge")
 
 
+def test_seed_drives_the_whole_chain():
+  """``seed`` (config argument or a later ``--config.seed`` override) also seeds the chained MAE stage."""
+  assert _config("bench,seed=3").mae.seed == 3
+  c = _config("bench")
+  assert c.mae.seed == 0
+  c.seed = 5  # what `--config.seed=5` does
+  assert c.mae.seed == 5 and c.to_dict()["mae"]["seed"] == 5
+
+
 def test_unknown_student_key_names_it():
   c = _config()
   c.students.kd.alpha = 3.0
