@@ -141,8 +141,8 @@ def attention(q: Array, k: Array, v: Array) -> Array:
     (benchmarks/README.md).
   """
   backend = jax.default_backend()
-  if os.environ.get("MAEJAX_ATTENTION", "") == "cudnn" and backend == "gpu" and q.dtype in (jnp.bfloat16,
-                                                                                            jnp.float16):
+  use_cudnn = os.environ.get("MAEJAX_ATTENTION", "") == "cudnn"
+  if use_cudnn and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
     return padded_attention(q, k, v)
   if backend != "cpu":
     return jax.nn.dot_product_attention(q, k, v)
