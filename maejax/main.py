@@ -73,7 +73,12 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   print(f"maejax: stage {config.stage}, workdir {os.path.abspath(workdir)}, "
         f"{jax.process_count()} process(es), devices {jax.devices()}", flush=True)
-  result = run(config, workdir)
+  from maejax.trainers import common
+  try:
+    result = run(config, workdir)
+  except common.Preempted as e:  # a chained job stops at the preempted stage (exit 0, as a single stage does)
+    print(f"maejax: {e}", flush=True)
+    return 0
   if getattr(result, "losses", None) and jax.process_index() == 0:
     first, last = result.losses[0], result.losses[-1]
     print(f"maejax: {config.stage} done: loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} "

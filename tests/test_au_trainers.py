@@ -43,6 +43,25 @@ def test_seed_drives_the_whole_chain():
   assert c.mae.seed == 5 and c.to_dict()["mae"]["seed"] == 5
 
 
+def test_preempted_stage_stops_the_chain(tmp_path, monkeypatch):
+  """SIGTERM during the chained MAE stage (train_loop reports ``preempted``) must stop the job there, not train
+  the teacher on the unfinished MAE."""
+  from maejax.trainers import common
+  calls = []
+
+  def preempted_loop(trainer, data, total_steps, workdir, *args, **kw):
+    calls.append(workdir)
+    return common.LoopResult(state=trainer.state, losses=[], preempted=True)
+
+  monkeypatch.setattr(common, "train_loop", preempted_loop)
+  c = _config()
+  c.compilation_cache = ""
+  with pytest.raises(common.Preempted, match="mae: preempted"):
+    au.train_occl(c, str(tmp_path))
+  assert len(calls) == 1 and calls[0].endswith("mae")
+  assert not (tmp_path / "teacher").exists() and not (tmp_path / "students").exists()
+
+
 def test_unknown_student_key_names_it():
   c = _config()
   c.students.kd.alpha = 3.0

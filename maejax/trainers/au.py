@@ -251,7 +251,11 @@ def fit(name: str, model: AUModel, run: ml_collections.ConfigDict, config: ml_co
         jitter=config.data.get("jitter", 0.2), shift=config.data.get("shift", 1 / 14),
         flip=config.data.get("flip", True), worker_count=config.data.get("worker_count", 0)))
     t0 = time.time()
-    state = common.train_loop(trainer, data, run.total_steps, workdir, _merge(config, run), mc, name=name).state
+    result = common.train_loop(trainer, data, run.total_steps, workdir, _merge(config, run), mc, name=name)
+    if result.preempted:
+      raise common.Preempted(f"{name}: preempted; its checkpoint is in {workdir}/checkpoints; run the same "
+                             "command again to resume")
+    state = result.state
     logging.info("%s: trained in %.0fs", name, time.time() - t0)
   return jax.device_get({"params": state.params, "batch_stats": state.extra["batch_stats"]})
 
@@ -407,7 +411,9 @@ def _mae_encoder(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not _complete(mae_dir, config.mae.total_steps):
     from maejax.trainers import mae
     t0 = time.time()
-    mae.train(config.mae, mae_dir)
+    if mae.train(config.mae, mae_dir).preempted:
+      raise common.Preempted(f"mae: preempted; its checkpoint is in {mae_dir}/checkpoints; run the same command "
+                             "again to resume")
     logging.info("mae: trained in %.0fs", time.time() - t0)
   return load_encoder(mae_dir)[0]
 

@@ -409,6 +409,11 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class Preempted(Exception):
+  """A stage of a chained job was preempted (SIGTERM): its checkpoint is saved, and the later stages must not
+  start from its unfinished result. Running the same command again resumes it."""
+
+
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
