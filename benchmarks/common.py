@@ -376,8 +376,7 @@ def profile_case(case: Case, steps: int, log_dir: str, top: int = 30) -> str:
   for e in ops:
     dur = e.get("dur", 0.0) / 1e3 / steps  # ms per step
     hlo_op = e.get("args", {}).get("hlo_op")
-    g = (_op_group(names.get(hlo_op) or names.get(hlo_op.replace(".", "_"), "")) if hlo_op
-         else f"(kernel without hlo_op) {e['name'][:50]}")
+    g = _op_group(names.get(hlo_op, "")) if hlo_op else f"(kernel without hlo_op) {e['name'][:50]}"
     groups[g] = groups.get(g, 0.0) + dur
     key = ("fused attention kernels" if _ATTN_KERNEL.search(e["name"]) else
            "matmul kernels" if _GEMM_KERNEL.search(e["name"]) else "other (elementwise, reductions, copies)")

@@ -252,9 +252,7 @@ def fit(name: str, model: AUModel, run: ml_collections.ConfigDict, config: ml_co
         flip=config.data.get("flip", True), worker_count=config.data.get("worker_count", 0)))
     t0 = time.time()
     result = common.train_loop(trainer, data, run.total_steps, workdir, _merge(config, run), mc, name=name)
-    if result.preempted:
-      raise common.Preempted(f"{name}: preempted; its checkpoint is in {workdir}/checkpoints; run the same "
-                             "command again to resume")
+    common.stop_if_preempted(result, name, workdir)
     state = result.state
     logging.info("%s: trained in %.0fs", name, time.time() - t0)
   return jax.device_get({"params": state.params, "batch_stats": state.extra["batch_stats"]})
@@ -411,9 +409,7 @@ def _mae_encoder(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not _complete(mae_dir, config.mae.total_steps):
     from maejax.trainers import mae
     t0 = time.time()
-    if mae.train(config.mae, mae_dir).preempted:
-      raise common.Preempted(f"mae: preempted; its checkpoint is in {mae_dir}/checkpoints; run the same command "
-                             "again to resume")
+    common.stop_if_preempted(mae.train(config.mae, mae_dir), "mae", mae_dir)
     logging.info("mae: trained in %.0fs", time.time() - t0)
   return load_encoder(mae_dir)[0]
 

@@ -414,6 +414,13 @@ class Preempted(Exception):
   start from its unfinished result. Running the same command again resumes it."""
 
 
+def stop_if_preempted(result: LoopResult, name: str, workdir: str) -> None:
+  """Raises :class:`Preempted` for a chained job whose stage ``name`` (in ``workdir``) was preempted."""
+  if result.preempted:
+    raise Preempted(f"{name}: preempted; its checkpoint is in {workdir}/checkpoints; run the same command again "
+                    "to resume")
+
+
 def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
 
