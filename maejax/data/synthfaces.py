@@ -79,7 +79,10 @@ MAX_INTENSITY = 5.0
 # Size of every AU's effect relative to the shapes in ``render_face`` (the difficulty knob of DESIGN.md §7).
 # 2.0 (with 0.06-wide wrinkles): at 1.0 / 0.035 the tiny ViT of the default run stayed near chance for the first
 # ~600 steps (logistic regression on pixels reached 0.66 avg F1, a small CNN 0.73); the knob applies to every
-# model alike.
+# model alike. The lower-face cues of AU14 (dimples), AU17 (chin boss) and AU23 (tense lip margins) were later
+# redrawn larger and apart from the other mouth AUs' folds: on the crowded 64 px mouth they were ~1 px marks on
+# top of AU12 / AU15 folds, and the models stayed near chance on them (AU14: the teacher at its always-positive
+# F1 0.63, a logistic regression on the lower-face pixels at AUC 0.70).
 AU_GAIN = 2.0
 # Width of AU wrinkles / furrows / folds in face units (≈ 1.6 px at 64 px).
 WRINKLE = 0.06
@@ -472,7 +475,7 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
   y_up_in = y_line - raise10 * 0.35 * b ** 0.5
   y_up_out = y_up_in - th_up * b ** 0.6 - 0.012 * np.cos(np.pi * t) * b - raise10 * b ** 0.4
   y_low_in = y_line + gap * b ** 0.7
-  y_low_out = y_low_in + th_low * b ** 0.6 - 0.045 * k[17] * b
+  y_low_out = y_low_in + th_low * b ** 0.6 - 0.07 * k[17] * b
   if k[10] > 0:  # nasolabial folds deepen as the upper lip rises
     for s in (-1, 1):
       fold = np.array([[nx + s * (nw + 0.03), nost_y + 0.05],
@@ -494,27 +497,33 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
     teeth_h = np.minimum(gap * b ** 0.7, 0.025 + 0.4 * raise10 * b)
     cv.poly(np.concatenate([np.stack([x[3:-3], y_up_in[3:-3]], -1),
                             np.stack([x[3:-3], (y_up_in + teeth_h)[3:-3]], -1)[::-1]], 0), (235, 230, 220))
-  lip_col = _mix(idn.lip, (110, 25, 35), 0.5 * k[23])  # tightened lips: a darker, narrow red margin
+  lip_col = _mix(idn.lip, (90, 20, 30), 0.8 * k[23])  # tightened lips: a darker, narrow red margin
   cv.poly(np.concatenate([np.stack([x, y_up_out], -1), np.stack([x, y_up_in], -1)[::-1]], 0), lip_col)
   cv.poly(np.concatenate([np.stack([x, y_low_in], -1), np.stack([x, y_low_out], -1)[::-1]], 0),
           _mix(lip_col, (255, 255, 255), 0.06))
   cv.line(np.stack([x, y_line if gap <= 0.004 else y_up_in], -1), _mix(idn.lip, (40, 10, 10), 0.5 + 0.4 * k[24]),
           0.01 + 0.015 * k[24])
+  if k[23] > 0:  # tightened lips: tense, rolled-in margins
+    for yy in (y_up_out - 0.012, y_low_out + 0.012):
+      cv.line(np.stack([x[2:-2], yy[2:-2]], -1), line_col(0.9 * k[23]), wr)
   if k[24] > 0:  # pressed lips bulge the skin above and below the mouth
     for yy in (y_up_out - 0.035, y_low_out + 0.035):
       cv.line(np.stack([x[4:-4], yy[4:-4]], -1), line_col(0.75 * k[24]), wr)
-  if k[14] > 0:
+  if k[14] > 0:  # dimpler: the tightened corners pull a crease into a dimple (a dark dot) beside each corner,
+    # out and down from the corner, clear of the smile folds (up) and the depressor folds (straight down)
     for s in (-1, 1):
-      arc = _ellipse(0.0, y_line[-1] + 0.005, 0.025, 0.045, 7, -np.pi / 2, np.pi / 2)
-      arc[:, 0] = mx + s * (mw + 0.05 + arc[:, 0])  # a ")" right of the right corner, mirrored on the left
-      cv.line(arc, line_col(0.95 * k[14]), wr)
+      corner = np.array([x[0 if s < 0 else -1], y_line[-1]])
+      dimple = corner + np.array([s * 0.11, 0.03])
+      cv.poly(_ellipse(*dimple, 0.045, 0.055, 12), _shade(skin, crease_rgb, 0.95 * k[14]))
+      cv.line(np.stack([corner, dimple]), line_col(0.9 * k[14]), wr)
   chin_y = fh + jaw
   crease_y = y_low_out.max() + 0.5 * (chin_y - y_low_out.max()) * (1 - 0.3 * k[17])
   cv.line(_ellipse(mx, crease_y - 0.03, 0.11, 0.04, 9, np.pi * 0.2, np.pi * 0.8),
           line_col(0.15 + 0.75 * k[17]), 0.012 + 0.012 * k[17])
-  if k[17] > 0:  # chin boss dimpling ("orange peel")
+  if k[17] > 0:  # chin boss pushed up: a lighter bulge on the chin, and its dimpling ("orange peel")
+    cv.poly(_ellipse(mx, crease_y + 0.1, 0.12, 0.08, 16), _mix(skin, (255, 240, 225), 0.25 * k[17]))
     for dx, dy in ((-0.05, 0.06), (0.0, 0.09), (0.05, 0.06), (-0.025, 0.13), (0.025, 0.13)):
-      cv.poly(_ellipse(mx + dx, crease_y + dy, 0.018, 0.014, 8), _shade(skin, (90, 50, 40), 0.7 * k[17]))
+      cv.poly(_ellipse(mx + dx, crease_y + dy, 0.03, 0.024, 8), _shade(skin, (90, 50, 40), 0.8 * k[17]))
 
   # --- Output resolution, blur, lighting and noise.
   img = cv.img.reduce(cv.ss)
