@@ -195,3 +195,19 @@ def test_tfds_round_trip(tmp_path):
       want = ref[int(r["subject"]) * 2 + int(r["frame"])]
       for key in want:
         np.testing.assert_array_equal(np.asarray(r[key]), want[key], err_msg=key)
+
+
+def test_hidden_au_f1_ceiling():
+  """Nothing hidden → 1; everything hidden → the prior is all that is left, so the best F1 is the always-positive
+  one, 2·n⁺/(n + n⁺) on the same frames; an AU hidden beside a visible co-occurring one (AU6 with AU12) does
+  better than that."""
+  n = 3000
+  assert np.all(sf.hidden_au_f1_ceiling((), num_samples=n) == 1.0)
+  rng = np.random.default_rng(0)
+  idx = [sf.ALL_AUS.index(a) for a in sf.BP4D_AUS]
+  pos = (np.stack([sf.sample_intensities(rng) for _ in range(n)])[:, idx] >= 2).sum(0)
+  np.testing.assert_allclose(sf.hidden_au_f1_ceiling(sf.BP4D_AUS, num_samples=n), 2 * pos / (n + pos), rtol=1e-12)
+  upper = sf.hidden_au_f1_ceiling((1, 2, 4, 6, 7), num_samples=n)
+  p6 = sf.expected_base_rates((6,))[0]
+  assert upper[sf.BP4D_AUS.index(6)] > 2 * p6 / (1 + p6) + 0.05
+  assert np.all(upper[[sf.BP4D_AUS.index(a) for a in (10, 12, 14, 15, 17, 23, 24)]] == 1.0)

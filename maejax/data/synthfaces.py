@@ -154,6 +154,32 @@ def expected_cooccurrence(aus: Sequence[int] = BP4D_AUS, threshold: float = 2.0)
   return joint
 
 
+def hidden_au_f1_ceiling(hidden: Sequence[int], aus: Sequence[int] = BP4D_AUS, threshold: float = 2.0,
+                         num_samples: int = 40000, seed: int = 0) -> np.ndarray:
+  """Per-AU F1 ceiling ``(N,)`` when the AUs ``hidden`` cannot be seen (e.g. under an occluding block).
+
+  The visible AUs are taken as read perfectly (F1 1); a hidden AU is predicted by the Bayes-optimal posterior
+  ``P(y_j | visible labels) = Σ_e P(e | visible) q_ej`` of the exact sampler (prototype ``e``, AUs independent given
+  it), thresholded at the F1-best cut; F1 is measured on ``num_samples`` frames drawn from the sampler.
+  """
+  idx = _au_indices(aus)
+  hid = [list(aus).index(a) for a in hidden if a in aus]
+  pi, q = _occurrence_given_expression(threshold)
+  q = np.clip(q[:, idx], 1e-12, 1 - 1e-12)
+  rng = np.random.default_rng(seed)
+  y = np.stack([sample_intensities(rng) for _ in range(num_samples)])[:, idx] >= threshold
+  vis = [j for j in range(len(idx)) if j not in hid]
+  log_lik = (y[:, vis, None] * np.log(q[:, vis].T) + ~y[:, vis, None] * np.log(1 - q[:, vis].T)).sum(1)
+  post = np.exp(log_lik - log_lik.max(1, keepdims=True)) * pi
+  post /= post.sum(1, keepdims=True)
+  f1 = np.ones(len(idx))
+  for j in hid:
+    p, t = post @ q[:, j], y[:, j]
+    cuts = np.unique(p)
+    f1[j] = max(2 * (t & (p >= c)).sum() / (t.sum() + (p >= c).sum()) for c in cuts)
+  return f1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Identity and frame parameters.
 
