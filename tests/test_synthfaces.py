@@ -211,3 +211,5 @@ def test_hidden_au_f1_ceiling():
   p6 = sf.expected_base_rates((6,))[0]
   assert upper[sf.BP4D_AUS.index(6)] > 2 * p6 / (1 + p6) + 0.05
   assert np.all(upper[[sf.BP4D_AUS.index(a) for a in (10, 12, 14, 15, 17, 23, 24)]] == 1.0)
+  with pytest.raises(ValueError, match=r"hidden: AUs \[9\]"):
+    sf.hidden_au_f1_ceiling((9,), num_samples=10)

@@ -163,7 +163,10 @@ def hidden_au_f1_ceiling(hidden: Sequence[int], aus: Sequence[int] = BP4D_AUS, t
   it), thresholded at the F1-best cut; F1 is measured on ``num_samples`` frames drawn from the sampler.
   """
   idx = _au_indices(aus)
-  hid = [list(aus).index(a) for a in hidden if a in aus]
+  missing = [a for a in hidden if a not in aus]
+  if missing:
+    raise ValueError(f"hidden: AUs {missing} are not among aus={tuple(aus)}")
+  hid = [list(aus).index(a) for a in hidden]
   pi, q = _occurrence_given_expression(threshold)
   q = np.clip(q[:, idx], 1e-12, 1 - 1e-12)
   rng = np.random.default_rng(seed)
