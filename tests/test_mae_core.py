@@ -279,3 +279,52 @@ def test_padded_attention_matches_unpadded_forward_and_gradients(t):
   for a, b in zip(g_pad, g_ref, strict=True):
     assert bool(jnp.isfinite(a).all())
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_softmax_value_and_hand_written_gradient():
+  """``vit.softmax`` (the CPU attention's, with its VJP written out) against the float64 formula, and its
+  gradient against finite differences (``check_grads``, which also checks the VJP against the JVP of jax's own
+  rules); large logits must not overflow."""
+  from jax.test_util import check_grads
+
+  from maejax.models.vit import softmax
+  x = jax.random.normal(jax.random.key(0), (3, 5, 11)) * 4 + jnp.array([0.0, 80.0, -80.0])[:, None, None]
+  xn = np.asarray(x, np.float64)
+  ref = np.exp(xn - xn.max(-1, keepdims=True))
+  ref /= ref.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(softmax(x)), ref, rtol=1e-5, atol=1e-7)
+  check_grads(softmax, (x[0] / 4,), order=1, modes=["rev"], eps=1e-2, atol=1e-3, rtol=1e-3)
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  ours = jax.grad(lambda a: jnp.sum(softmax(a) * g))(x)
+  theirs = jax.grad(lambda a: jnp.sum(jax.nn.softmax(a) * g))(x)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)
+
+
+def test_gelu_is_torch_exact_gelu():
+  """``vit.gelu`` = torch.nn.functional.gelu (exact erf form), value and derivative Φ(x) + x·φ(x)."""
+  torch = pytest.importorskip("torch")
+  from maejax.models.vit import gelu
+  x = np.linspace(-12, 12, 2001, dtype=np.float32)
+  ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), ref, atol=1e-6)
+  xd = x.astype(np.float64)
+  phi = np.exp(-xd**2 / 2) / np.sqrt(2 * np.pi)
+  cdf = 0.5 * (1 + np.vectorize(math.erf)(xd / np.sqrt(2)))
+  np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(gelu))(jnp.asarray(x))), cdf + xd * phi, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_axes, in_shape, features", [(1, (6,), (2, 3)), (2, (2, 3), (6,))])
+def test_projection_equals_dense_general(in_axes, in_shape, features):
+  """``vit.Projection`` (one 2-D matmul) computes what ``nn.DenseGeneral`` computes with the same parameters,
+  values and gradients."""
+  from maejax.models.vit import Projection
+  x = jax.random.normal(jax.random.key(0), (4, 5) + in_shape)
+  ours = Projection(features, in_axes=in_axes)
+  ref = nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)))
+  params = init(ours, x)
+  assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(jnp.shape, init(ref, x))
+  params = jax.tree_util.tree_map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), params)
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(ref.apply(params, x)), atol=1e-5)
+  grad = lambda m: jax.grad(lambda p, a: jnp.sum(jnp.sin(m.apply(p, a))), (0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(grad(ours)), jax.tree_util.tree_leaves(grad(ref)), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

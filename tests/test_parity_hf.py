@@ -32,6 +32,7 @@ DEC_WIDTH, DEC_DEPTH, DEC_HEADS = 32, 2, 4
 BATCH, MASK_RATIO = 2, 0.75
 GRID = IMG // PATCH
 LOSS_RTOL, PRED_ATOL, TOKENS_ATOL = 1e-5, 1e-4, 1e-4
+GRAD_RTOL = 2e-5  # max-abs gradient difference relative to the tensor's largest gradient (float32)
 
 # transformers 5 -> transformers 4 ViTMAEForPreTraining key names (the inverse of the "ViTModel" /
 # "ViTMAEForPreTraining" renamings in transformers/conversion_mapping.py). Applied in order, as regexes.
@@ -280,6 +281,45 @@ def test_hf_v5_full(norm_pix):
   assert {k: config[k] for k in expected_config(True)} == expected_config(True)
   assert max(info["pos_embed_max_abs_diff"].values()) < 1e-6
   check_full(params, config, hf_outputs(model), norm_pix, f"hf_v5 full norm_pix={norm_pix}")
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_hf_v5_gradients(norm_pix):
+  """The loss gradient w.r.t. every parameter equals PyTorch autograd's on HF ViTMAE (same weights, images,
+  noise). This checks maejax's backward pass as a whole (the hand-written softmax VJP, the erf GELU, the 2-D
+  projections) against an independent implementation. The checkpoint conversion only re-indexes weights
+  (transposes, reshapes, splits), so it maps torch's gradients to maejax's layout as it maps the weights; the
+  fixed sin-cos tables are not parameters on either side that the loss trains, so they keep their values."""
+  model = hf_model(norm_pix).train()
+  imgs, noise, x, jnoise = inputs()
+  model.zero_grad()
+  model(pixel_values=imgs, noise=noise).loss.backward()
+  grads = {k: (p.grad if p.grad is not None and not k.endswith(("position_embeddings", "decoder_pos_embed"))
+               else p).detach().clone() for k, p in model.named_parameters()}
+  assert len(grads) == len(v5_state_dict(model))
+  torch_g, _, _ = convert.convert_state_dict(grads, num_heads=HEADS, decoder_heads=DEC_HEADS)
+  params, config, _ = convert.convert_state_dict(v5_state_dict(model), num_heads=HEADS, decoder_heads=DEC_HEADS)
+  mae = maejax_model(config, norm_pix)
+  ours = jax.grad(lambda p: mae.apply({"params": p}, x, jnoise).loss)(params)
+  flat_t = dict(jax.tree_util.tree_leaves_with_path(torch_g))
+  flat_o = dict(jax.tree_util.tree_leaves_with_path(ours))
+  assert set(flat_t) == set(flat_o)
+  worst = 0.0
+  for path, g in flat_o.items():
+    name, ref = jax.tree_util.keystr(path), np.asarray(flat_t[path])
+    if name.endswith("['key']['bias']"):
+      # Exactly zero in exact arithmetic (a key bias adds q·b to every logit of a query row; softmax ignores
+      # it); both sides hold rounding noise, so compare it with the scale of the key kernel's gradient.
+      scale = float(np.abs(np.asarray(flat_t[path[:-1] + (jax.tree_util.DictKey("kernel"),)])).max())
+      assert max(float(np.abs(ref).max()), float(np.abs(np.asarray(g)).max())) < GRAD_RTOL * scale, name
+      continue
+    scale = float(np.abs(ref).max())
+    assert scale > 0, name  # every parameter gets a gradient
+    err = float(np.abs(np.asarray(g) - ref).max()) / scale
+    worst = max(worst, err)
+    assert err < GRAD_RTOL, (name, err)
+  print(f"\n[parity hf_v5 gradients norm_pix={norm_pix}] {len(flat_o)} tensors, worst max-abs diff / max-abs "
+        f"gradient {worst:.2e}")
 
 
 def test_hf_v5_encoder_only():
