@@ -315,6 +315,21 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
+def hlo_matmul_ops(hlo_text: str) -> set[str]:
+  """Names of the instructions of a compiled module that are matmuls: ``dot`` / ``convolution`` instructions
+  and fusions whose computation holds one (on CPU, XLA wraps every dot in a YNNPACK/oneDNN fusion whose kernel
+  name says nothing). Also under the "_" spelling, as for :func:`hlo_op_names`."""
+  bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%?([\w.\-]+) .*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
+  has_dot = {c for c, body in bodies.items() if re.search(r"\s(?:dot|convolution)\(", body)}
+  out = set()
+  for m in re.finditer(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\([^=]*?\)|\S+)\s+(\w+)\((.*)$", hlo_text, re.M):
+    name, op, rest = m.groups()
+    called = re.search(r"calls=%?([\w.\-]+)", rest)
+    if op in ("dot", "convolution") or (op == "fusion" and called and called.group(1) in has_dot):
+      out |= {name, name.replace(".", "_")}
+  return out
+
+
 def _op_group(op_name: str) -> str:
   """``jit(step)/transpose(jvp(MAE))/decoder/decoder_blocks_3/attn/query/dot_general`` →
   ``bwd decoder/decoder_blocks_*/attn/query/dot_general``: pass, module path without block indices, primitive."""
@@ -369,7 +384,8 @@ def profile_case(case: Case, steps: int, log_dir: str, top: int = 30) -> str:
   for e in ops:
     line = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
     counts[line] = counts.get(line, 0) + 1
-  names = hlo_op_names(case.compiled.as_text()) if case.compiled is not None else {}
+  hlo_text = case.compiled.as_text() if case.compiled is not None else ""
+  names, matmuls = hlo_op_names(hlo_text), hlo_matmul_ops(hlo_text)
   groups: dict[str, float] = {}
   classes = {"matmul kernels": 0.0, "fused attention kernels": 0.0, "other (elementwise, reductions, copies)": 0.0}
   kernels: dict[str, float] = {}
@@ -379,7 +395,8 @@ def profile_case(case: Case, steps: int, log_dir: str, top: int = 30) -> str:
     g = _op_group(names.get(hlo_op, "")) if hlo_op else f"(kernel without hlo_op) {e['name'][:50]}"
     groups[g] = groups.get(g, 0.0) + dur
     key = ("fused attention kernels" if _ATTN_KERNEL.search(e["name"]) else
-           "matmul kernels" if _GEMM_KERNEL.search(e["name"]) else "other (elementwise, reductions, copies)")
+           "matmul kernels" if _GEMM_KERNEL.search(e["name"]) or hlo_op in matmuls else
+           "other (elementwise, reductions, copies)")
     classes[key] += dur
     kernels[e["name"][:60]] = kernels.get(e["name"][:60], 0.0) + dur
   busy = sum(classes.values())

@@ -2,6 +2,7 @@ r"""MAE train step (forward + backward + AdamW): maejax vs HF ``ViTMAEForPreTrai
 masking speed-up (encoder on visible tokens only vs mask tokens through the encoder).
 
   python benchmarks/mae_step.py                    # ViT-B/16, 224 px, batch 8, mask .75, 8×512 decoder
+  python benchmarks/mae_step.py --nohf --nono_skip --profile_steps=2  # where the maejax step spends its time
   python benchmarks/mae_step.py --size=mu --img_size=32 --patch_size=8 --batch=4 --decoder_width=32 \
       --decoder_depth=1 --decoder_heads=2 --steps=3  # seconds, to check the script
 
@@ -11,6 +12,8 @@ decay as the official recipe does; the cost is the same). PyTorch gets ``torch.s
 """
 
 from __future__ import annotations
+
+import os
 
 import common as bc  # benchmarks/common.py; also puts the repo root on sys.path
 import jax
@@ -38,6 +41,9 @@ flags.DEFINE_bool("hf", True, "time HF ViTMAEForPreTraining (PyTorch)")
 flags.DEFINE_bool("no_skip", True, "time maejax with mask tokens through the encoder")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = the number of cores")
 flags.DEFINE_string("attn_implementation", "sdpa", "HF attention implementation (sdpa or eager)")
+flags.DEFINE_integer("profile_steps", 0, "after the table, trace this many steps of each maejax case with "
+                     "jax.profiler and print where the time goes (common.profile_case)")
+flags.DEFINE_string("profile_dir", "/tmp/maejax_profile", "where the traces go (one sub-folder per case)")
 
 
 def maejax_model(**kw) -> MAE:
@@ -128,7 +134,12 @@ def main(argv):
     rows.append(ratio_row("HF step time / maejax step time", cases[-1], base, 1.5))
   if FLAGS.no_skip:
     rows.append(ratio_row("masking speed-up (mask tokens in encoder / skipped)", cases[1], base, 3.0))
-  print(bc.table(["ratio", "median", "min", "CPU time", "XLA flops", "target (on the median)"], rows))
+  if rows:
+    print(bc.table(["ratio", "median", "min", "CPU time", "XLA flops", "target (on the median)"], rows))
+  if FLAGS.profile_steps:
+    for i, c in enumerate(x for x in cases if x.compiled is not None):
+      print()
+      print(bc.profile_case(c, FLAGS.profile_steps, os.path.join(FLAGS.profile_dir, f"case{i}")), flush=True)
 
 if __name__ == "__main__":
   app.run(main)
