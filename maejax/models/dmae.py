@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from maejax import losses
 from maejax.models.mae import MAE, MAEOutput
-from maejax.models.vit import _p, patchify, xavier_uniform
+from maejax.models.vit import _p, gelu, patchify, xavier_uniform
 
 Array = jax.Array
 HEADS = ("linear", "mlp1", "mlp2")
@@ -41,7 +41,7 @@ class ProjectionHead(nn.Module):
     hidden = self.hidden or self.out_dim
     n_hidden = {"linear": 0, "mlp1": 1, "mlp2": 2}[self.kind]
     for i in range(n_hidden):
-      x = nn.gelu(dense(hidden, f"hidden_{i}", ("embed", "mlp"))(x), approximate=False)
+      x = gelu(dense(hidden, f"hidden_{i}", ("embed", "mlp"))(x))
     return dense(self.out_dim, "proj", ("mlp" if n_hidden else "embed", "teacher_embed"))(x)
 
 
