@@ -165,6 +165,21 @@ def test_qkv_init_bounds_match_fused_linear():
   assert np.abs(q).max() <= bound and np.abs(q).max() > 0.9 * bound
 
 
+@pytest.mark.parametrize("d, heads", [(64, 2), (768, 12)])
+def test_init_bounds_of_the_other_linears_are_xavier(d, heads):
+  """Official MAE: xavier-uniform U(±sqrt(6 / (fan_in + fan_out))) for every Linear. The attention output
+  kernel is stored (H, Dh, D) but is the Linear(D, D) ``attn.proj``: its bound is sqrt(6 / 2D). (Before
+  ``vit.Projection`` it was sqrt(2)× too wide: flax's DenseGeneral hands the initializer the flattened (D, D)
+  shape, on which the (0, 1)-in-axes variance scaling counted fan_out as 1.)"""
+  params = init(ViT(img_size=32, patch_size=8, width=d, depth=1, num_heads=heads), images())["params"]
+  blk = params["blocks_0"]
+  for kernel, fan_in, fan_out in [(blk["attn"]["out"]["kernel"], d, d), (blk["mlp"]["fc1"]["kernel"], d, 4 * d),
+                                  (blk["mlp"]["fc2"]["kernel"], 4 * d, d)]:
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    w = np.abs(np.asarray(kernel))
+    assert w.max() <= bound and w.max() > 0.9 * bound, (kernel.shape, w.max(), bound)
+
+
 def test_bad_images_rejected():
   model = MAE(**TINY)
   params = init(model, images())

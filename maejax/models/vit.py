@@ -203,6 +203,10 @@ class Projection(nn.Module):
   Same result as ``nn.DenseGeneral`` with the same parameters. The 2-D form is torch's ``Linear`` and XLA's
   canonical dot: with the multi-axis ``dot_general``, XLA:CPU produced the kernel's gradient transposed and
   every AdamW pass over those kernels had to transpose it back (benchmarks/README.md).
+
+  ``kernel_init`` gets the kernel's real multi-axis shape (DenseGeneral passes the flattened 2-D one), so
+  initializers that name axes (``variance_scaling(in_axis=(0, 1))`` of the output kernel) see the fans they
+  name.
   """
 
   features: tuple[int, ...]
