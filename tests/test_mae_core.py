@@ -297,9 +297,9 @@ def test_padded_attention_matches_unpadded_forward_and_gradients(t):
 
 
 def test_softmax_value_and_hand_written_gradient():
-  """``vit.softmax`` (the CPU attention's, with its VJP written out) against the float64 formula, and its
-  gradient against finite differences (``check_grads``, which also checks the VJP against the JVP of jax's own
-  rules); large logits must not overflow."""
+  """``vit.softmax`` (the CPU attention's, with its VJP written out) against the float64 formula (with ±80
+  offsets: large logits must not overflow), its VJP against finite differences (``check_grads``, reverse mode)
+  and against the gradient of ``jax.nn.softmax``."""
   from jax.test_util import check_grads
 
   from maejax.models.vit import softmax
