@@ -160,7 +160,7 @@ def softmax(x: Array) -> Array:
   the normalisation as a product with the reciprocal of the row sums. On XLA:CPU this made the ViT-B MAE train
   step ~3 % faster than ``jax.nn.softmax`` (benchmarks/README.md).
   """
-  e = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  e = jnp.exp(x - x.max(-1, keepdims=True))  # never differentiated: the VJP below replaces autodiff
   return e * (1.0 / e.sum(-1, keepdims=True))
 
 
