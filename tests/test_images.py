@@ -12,9 +12,13 @@ from fixtures_au import corrupt
 from PIL import Image
 
 from maejax.data.images import (
+  IMAGE_EXTS,
+  VIDEO_EXTS,
+  BadInputs,
   ImageFolderSource,
   TfdsImageSource,
   centre_square_box,
+  index_frames,
   landmark_box,
   load_rgb,
   open_image_source,
@@ -165,3 +169,41 @@ def test_tfds_image_source(tmp_path):
   assert isinstance(val, TfdsImageSource) and len(val) == 2
   with pytest.raises(ValueError, match="no feature 'img'"):
     TfdsImageSource("tiny_images", data_dir=tmp_path, image_key="img")[0]
+
+
+# The formats maejax reads, typed here independently of maejax.data.images.
+EVERY_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+EVERY_VIDEO_EXT = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+
+
+def test_every_image_ext_is_listed_and_decoded(tmp_path):
+  assert IMAGE_EXTS == EVERY_IMAGE_EXT and VIDEO_EXTS == EVERY_VIDEO_EXT
+  grey = np.arange(6 * 8, dtype=np.uint8).reshape(6, 8) * 5
+  for ext in EVERY_IMAGE_EXT:  # lossless saves of one grey image, upper-case names for half of them
+    name = f"img{ext.upper()}" if ext in (".gif", ".tif", ".ppm") else f"img{ext}"
+    kwargs = {"quality": 100, "subsampling": 0} if ext in (".jpg", ".jpeg") else {}
+    kwargs |= {"lossless": True} if ext == ".webp" else {}
+    (tmp_path / ext[1:]).mkdir()
+    Image.fromarray(grey).save(tmp_path / ext[1:] / name, **kwargs)
+  (tmp_path / "clip.mp4").write_bytes(b"not read: a video")
+  src = ImageFolderSource(tmp_path)
+  assert sorted(Path(p).suffix.lower() for p in src.paths) == sorted(EVERY_IMAGE_EXT)
+  for i, path in enumerate(src.paths):
+    image = src[i]["image"]
+    atol = 2 if path.endswith(("jpg", "jpeg")) else 0
+    np.testing.assert_allclose(image, np.repeat(grey[..., None], 3, -1), atol=atol, err_msg=path)
+
+
+def test_index_frames_reads_the_trailing_number(tmp_path):
+  for name in ("frame_000012.jpg", "frame_000003.png", "SN001_7.bmp", "notes.txt", "labels.csv"):
+    (tmp_path / name).write_bytes(b"")
+  assert index_frames(tmp_path, BadInputs(False)) == {
+    12: tmp_path / "frame_000012.jpg", 3: tmp_path / "frame_000003.png", 7: tmp_path / "SN001_7.bmp"}
+  (tmp_path / "thumb.jpg").write_bytes(b"")
+  (tmp_path / "12.jpg").write_bytes(b"")
+  duplicate = f"{tmp_path / 'frame_000012.jpg'}: frame 12 also stored as {tmp_path / '12.jpg'}"
+  with pytest.raises(ValueError, match=re.escape(duplicate)):
+    index_frames(tmp_path, BadInputs(False))
+  bad = BadInputs(True)
+  assert sorted(index_frames(tmp_path, bad)) == [3, 7, 12] and bad.count == 2
+  assert any("thumb.jpg: image name does not end in a frame number" in line for line in bad.examples)

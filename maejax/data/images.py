@@ -1,11 +1,13 @@
 """Image sources for MAE pretraining, and the image helpers shared by the AU dataset builders.
 
 Sources (random access, grain-ready: `len(src)`, `src[i] -> {"image": uint8 (H, W, 3)}`):
-  * `ImageFolderSource(root)`: every jpg/jpeg/png/bmp/webp under `root` (recursive), sorted by relative path,
-    decoded with Pillow and converted to RGB.
+  * `ImageFolderSource(root)`: every image file (`IMAGE_EXTS`, any case) under `root` (recursive), sorted by
+    relative path, decoded with Pillow and converted to RGB.
   * `TfdsImageSource(name, split=..., data_dir=...)`: any TFDS image dataset prepared in array_record format
     (e.g. "imagenet2012"), read with `tfds.data_source`, returning the same record format.
   * `open_image_source("tfds:imagenet2012:train" | "/path/to/folder")` picks one of the two.
+
+`IMAGE_EXTS` / `VIDEO_EXTS` are the one list of image / video file extensions of maejax: import them from here.
 
 Bad inputs follow one policy everywhere in `maejax.data`: an unreadable or corrupt file raises an error naming
 it; only when the caller passes `skip_bad=True` is it skipped, and every skip is counted and logged
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Lower case, with the dot; compare with `path.suffix.lower()` or `name.lower().endswith(IMAGE_EXTS)`.
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+
+# A frame image's stem: an optional prefix, then the frame number ("0012", "12", "frame_000012").
+_FRAME_STEM = re.compile(r"^(.*?)(\d+)$")
 
 log = logging.getLogger(__name__)
 
@@ -182,21 +190,22 @@ def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> byt
 
 
 def index_frames(folder: Path, bad: BadInputs) -> dict[int, Path]:
-  """Maps frame number -> image path for the image files of `folder` named `<frame number>.<ext>`.
+  """Maps image number -> path for the image files (`IMAGE_EXTS`) of `folder` named `[<prefix>]<number>.<ext>`.
 
-  Zero padding is ignored ("0012.jpg" and "12.jpg" are frame 12). Files with other extensions are ignored; an
-  image whose stem is not an integer, or two files with the same frame number, is a bad input (ValueError
-  naming it).
+  The number is the stem's trailing digits, zero padding ignored: "0012.jpg", "12.png" and "frame_000012.jpg"
+  are all number 12. Files with other extensions are ignored; an image whose stem does not end in digits, or two
+  files with the same number, is a bad input (ValueError naming it).
   """
   frames: dict[int, Path] = {}
   for path in sorted(folder.iterdir()):
-    if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+    if not path.is_file() or path.suffix.lower() not in IMAGE_EXTS:
       continue
-    try:
-      number = int(path.stem)
-    except ValueError:
-      bad.report(ValueError(f"{path}: image name is not a frame number (expected e.g. 0012.jpg)"), path)
+    match = _FRAME_STEM.match(path.stem)
+    if not match:
+      bad.report(ValueError(f"{path}: image name does not end in a frame number (expected e.g. 0012.jpg or "
+                            "frame_0012.jpg)"), path)
       continue
+    number = int(match.group(2))
     if number in frames:
       bad.report(ValueError(f"{path}: frame {number} also stored as {frames[number]}"), path)
       continue
@@ -204,12 +213,25 @@ def index_frames(folder: Path, bad: BadInputs) -> dict[int, Path]:
   return frames
 
 
+def landmarks_folder(manual_dir: Path, landmarks_dir: str | os.PathLike | None, dataset: str) -> Path | None:
+  """The landmarks folder of an AU builder: `landmarks_dir` as given when absolute, else under `manual_dir`;
+  None when not given. FileNotFoundError naming it when it is not a folder."""
+  if landmarks_dir is None:
+    return None
+  folder = Path(landmarks_dir)
+  if not folder.is_absolute():
+    folder = manual_dir / folder
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{dataset} landmarks folder not found: {folder}")
+  return folder
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
-  """All image files (IMAGE_EXTENSIONS, any case) under `root`, recursively, sorted by relative path."""
+  """All image files (IMAGE_EXTS, any case) under `root`, recursively, sorted by relative path."""
   root = Path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"Image folder not found: {root}")
-  found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+  found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
   return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -226,7 +248,7 @@ class ImageFolderSource(Sequence):
     self.root = Path(root)
     paths = list_images(self.root)
     if not paths:
-      raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
+      raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTS)}) found under {self.root}")
     self.bad = BadInputs(skip_bad, what="images")
     if skip_bad:
       good = []
