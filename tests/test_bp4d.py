@@ -254,3 +254,46 @@ def test_prepare_cli(tmp_path):
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "skipped 1 bad BP4D inputs" in ok.stderr and "part1: 1 examples" in ok.stderr
   assert len(data_source("bp4d", "part1", data_dir=tmp_path / "d2")) == 1
+
+
+_HEADER_ROW = ",".join(str(i) for i in range(100))
+_ZERO_ROW = "4" + ",0" * 99
+
+
+def _row_with(column, value):
+  cells = _ZERO_ROW.split(",")
+  cells[column] = value
+  return ",".join(cells)
+
+
+@pytest.mark.parametrize("content, match", [
+  (_HEADER_ROW + "\n" + _row_with(6, "x") + "\n", r"line 2: AU values must be integers 0, 1 or 9 .* AU 6 "
+   r"\(column 7\) is 'x'"),
+  (_HEADER_ROW + "\n" + _row_with(12, "0.5") + "\n", r"line 2: .* AU 12 \(column 13\) is '0.5'"),
+  (_HEADER_ROW + "\n" + _ZERO_ROW + "\n" + "5" + ",1" * 49 + "\n", "line 3: 50 values, expected 100 "
+   r"\(one per header column\)"),
+  (_ZERO_ROW + "\n" + "5" + ",1" * 99 + "\n", r"line 1: expected a header row of column numbers 0,1,2,...,99 "
+   r".*got '4,0,0,0,...' \(is the header row missing\?\)"),
+  ("frame,AU1,AU2\n4,0,1\n", r"line 1: header cell 1 is 'frame', not a column number"),
+  ("0,1,,3\n4,0,0,0\n", r"line 1: header cell 3 is '', not a column number"),
+  (_HEADER_ROW + "\n", "no label rows after the header"),
+  (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "not a CSV text file"),
+])
+def test_corrupt_label_file_is_one_line_naming_file_and_line(tmp_path, content, match):
+  path = tmp_path / "F001_T1.csv"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(ValueError, match=match) as e:
+    read_au_occ_csv(path)
+  assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_corrupt_label_file_in_builder_is_one_line(tmp_path):
+  make_bp4d(tmp_path, n_frames=2)
+  path = tmp_path / "AUCoding/AU_OCC/M011_T2.csv"
+  path.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")  # header row lost
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ": line 1: expected a header row") as e:
+    _scan(tmp_path)
+  assert "\n" not in str(e.value)
+  builder = Bp4d(data_dir=str(tmp_path / "_unused"), skip_bad=True)
+  plans = builder.scan(tmp_path)
+  assert builder.bad.count == 1 and len(plans[2]) == 2 and len(plans[1]) == 4

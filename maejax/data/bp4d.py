@@ -31,11 +31,13 @@ from etils import epath
 
 from maejax.data import folds
 from maejax.data.images import (
+  IMAGE_EXTS,
   BadInputs,
   au_features,
   encode_image,
   face_crop,
   index_frames,
+  landmarks_folder,
   load_rgb,
   read_landmarks_csv,
 )
@@ -47,17 +49,19 @@ NOT_SCORED = 9  # BP4D's code for "not scored"; stored as UNKNOWN.
 UNKNOWN = -1
 
 _LABEL_NAME = re.compile(r"^([FM]\d{3})_(T\d+)\.csv$")
+_HEADER = "a header row of column numbers 0,1,2,...,99 (0 = frame number, N = AU N)"
 
-_INSTRUCTIONS = """\
+_INSTRUCTIONS = f"""\
 Put the licensed BP4D-Spontaneous release in the manual directory (--manual_dir) like this:
 
   <manual_dir>/AUCoding/AU_OCC/<subject>_<task>.csv      e.g. F001_T1.csv (official AU occurrence files)
   <manual_dir>/<images_subdir>/<subject>/<task>/<frame>.jpg  e.g. 2D+3D/F001/T1/0012.jpg (per-frame images)
 
 images_subdir defaults to "2D+3D" (pass images_subdir=... / --images_subdir=... for another name). Image file
-names are the frame numbers of the CSV's column 0, zero-padded or not; .jpg/.jpeg/.png/.bmp/.webp are
-accepted. Every label file needs its image folder and every labelled frame its image. Images with no label row
-(BP4D codes a segment of each task) are not examples; their count is logged.
+names end in the frame numbers of the CSV's column 0, zero-padded or not (0012.jpg, 12.png); extensions read:
+{", ".join(IMAGE_EXTS)}.
+Every label file needs its image folder and every labelled frame its image. Images with no label row (BP4D
+codes a segment of each task) are not examples; their count is logged.
 
 Optional landmarks (face boxes from the dataset's tracked points): landmarks_dir=... / --landmarks_dir=...
 holding <subject>_<task>.csv, lines `frame,x1,y1,...,xK,yK` in source-image pixels (optional header line
@@ -70,51 +74,90 @@ def read_au_occ_csv(path: str | os.PathLike, aus: tuple[int, ...] = folds.BP4D_A
   """Parses a BP4D `AU_OCC/<subject>_<task>.csv`.
 
   Header row of integers (0..99): column with header 0 = frame number, column with header N = AU N. Values
-  0/1, 9 = not scored. Returns {frame: int8 (len(aus),)} with 9 mapped to −1. ValueError naming file and line
-  when the header lacks a wanted AU, a row has the wrong length, a value is not 0/1/9 or a frame repeats.
+  0/1, 9 = not scored. Returns {frame: int8 (len(aus),)} with 9 mapped to −1. Only the columns of `aus` are
+  read as labels. ValueError naming the file, the line and what was expected when the file is not text, the
+  header is missing or lacks a wanted AU, a row has the wrong length, a value is not 0/1/9 or a frame repeats.
   """
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"BP4D label file not found: {path}")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    rows = [(i, row) for i, row in enumerate(csv.reader(f), start=1) if any(c.strip() for c in row)]
+  rows = _read_csv_rows(path)
   if not rows:
-    raise ValueError(f"{path}: empty label file; expected a header row of integers (0..99) and one row per "
-                     "frame")
-  try:
-    header = [int(float(c)) for c in rows[0][1] if c.strip()]
-  except ValueError:
-    raise ValueError(f"{path}: line 1: header must be integers (0 = frame, N = AU N), got {rows[0][1][:8]}…"
-                     ) from None
-  if not header or header[0] != 0:
-    raise ValueError(f"{path}: line 1: header must start with 0 (the frame-number column), got {header[:3]}")
+    raise ValueError(f"{path}: empty label file; expected {_HEADER}, then one row per frame")
+  header = _parse_header(path, *rows[0])
   missing = [a for a in aus if a not in header]
   if missing:
-    raise ValueError(f"{path}: line 1: header has no column for AU(s) {missing}")
+    raise ValueError(f"{path}: line {rows[0][0]}: header has no column for AU(s) {missing}; expected {_HEADER}")
   columns = [header.index(a) for a in aus]
   labels: dict[int, np.ndarray] = {}
   for line_no, row in rows[1:]:
-    cells = [c.strip() for c in row]
-    while len(cells) > len(header) and not cells[-1]:
-      cells.pop()  # tolerate trailing commas
-    if len(cells) != len(header):
-      raise ValueError(f"{path}: line {line_no}: {len(cells)} values, header has {len(header)}")
-    try:
-      frame = int(cells[0])
-      values = [int(cells[c]) for c in columns]
-    except ValueError:
-      raise ValueError(f"{path}: line {line_no}: frame and AU values must be integers, got {row[:6]}…"
-                       ) from None
-    bad = [(a, v) for a, v in zip(aus, values, strict=True) if v not in (0, 1, NOT_SCORED)]
-    if bad:
-      raise ValueError(f"{path}: line {line_no}: AU values must be 0, 1 or 9 (not scored); "
-                       f"got (AU, value) {bad}")
+    frame, values = _parse_row(path, line_no, row, len(header), columns, aus)
     if frame in labels:
       raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
     labels[frame] = np.asarray([UNKNOWN if v == NOT_SCORED else v for v in values], dtype=np.int8)
   if not labels:
-    raise ValueError(f"{path}: no label rows after the header")
+    raise ValueError(f"{path}: no label rows after the header; expected one row per frame")
   return labels
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+  """[(line number, cells)] of the non-blank rows of a CSV file; ValueError naming it when it is not text."""
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      reader = csv.reader(f)
+      return [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise ValueError(f"{path}: not a CSV text file ({e}); expected {_HEADER}, then one row per frame") from None
+
+
+def _parse_header(path: Path, line_no: int, row: list[str]) -> list[int]:
+  """The column numbers of the header row (trailing empty cells dropped)."""
+  cells = [c.strip() for c in row]
+  while cells and not cells[-1]:
+    cells.pop()
+  shown = ",".join(cells[:4]) + (",..." if len(cells) > 4 else "")
+  where = f"{path}: line {line_no}"
+  header = []
+  for i, cell in enumerate(cells):
+    try:
+      number = float(cell)
+      if not number.is_integer():
+        raise ValueError
+    except (ValueError, OverflowError):
+      raise ValueError(f"{where}: header cell {i + 1} is {cell!r}, not a column number; expected {_HEADER}"
+                       ) from None
+    header.append(int(number))
+  if header[0] != 0 or len(set(header)) != len(header):
+    raise ValueError(f"{where}: expected {_HEADER}, got {shown!r} (is the header row missing?)")
+  return header
+
+
+def _parse_row(path: Path, line_no: int, row: list[str], width: int, columns: list[int],
+               aus: tuple[int, ...]) -> tuple[int, list[int]]:
+  """(frame, [value of each AU of `aus`]) of one label row of `width` cells; ValueError naming the line."""
+  where = f"{path}: line {line_no}"
+  cells = [c.strip() for c in row]
+  while len(cells) > width and not cells[-1]:
+    cells.pop()  # tolerate trailing commas
+  if len(cells) != width:
+    raise ValueError(f"{where}: {len(cells)} values, expected {width} (one per header column)")
+  try:
+    frame = int(cells[0])
+  except ValueError:
+    raise ValueError(f"{where}: the frame number (column 1) and AU values must be integers, got frame "
+                     f"{cells[0]!r}") from None
+  values = []
+  for au, column in zip(aus, columns, strict=True):
+    cell = cells[column]
+    try:
+      values.append(int(cell))
+    except ValueError:
+      raise ValueError(f"{where}: AU values must be integers 0, 1 or 9 (not scored); AU {au} (column "
+                       f"{column + 1}) is {cell!r}") from None
+  bad = [(a, v) for a, v in zip(aus, values, strict=True) if v not in (0, 1, NOT_SCORED)]
+  if bad:
+    raise ValueError(f"{where}: AU values must be 0, 1 or 9 (not scored); got (AU, value) {bad}")
+  return frame, values
 
 
 class Bp4d(tfds.core.GeneratorBasedBuilder):
@@ -158,87 +201,92 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
     return folds.part_splits(plans, self._generate_examples, "BP4D")
 
   def scan(self, manual_dir: Path) -> dict[int, list[tuple]]:
-    """Reads all labels and lists the images without decoding them. Returns {part: [(key, subject, task,
-    frame, au, image_path, points)]}; raises (or, with skip_bad, counts) every structural problem."""
+    """Reads all labels and lists the images without decoding them. Returns {part: [(key, subject, subject
+    index, task, frame, au, image_path, points)]}; raises (or, with skip_bad, counts) every structural problem."""
     manual_dir = Path(manual_dir)
     labels_dir = manual_dir / "AUCoding" / "AU_OCC"
     images_dir = manual_dir / self.images_subdir
     for d in (labels_dir, images_dir):
       if not d.is_dir():
         raise FileNotFoundError(f"BP4D folder not found: {d}\n{_INSTRUCTIONS}")
-    landmarks_dir = None
-    if self.landmarks_dir is not None:
-      landmarks_dir = Path(self.landmarks_dir)
-      if not landmarks_dir.is_absolute():
-        landmarks_dir = manual_dir / landmarks_dir
-      if not landmarks_dir.is_dir():
-        raise FileNotFoundError(f"BP4D landmarks folder not found: {landmarks_dir}")
-
-    bad = self.bad
-    sequences: dict[tuple[str, str], Path] = {}
-    for path in sorted(labels_dir.iterdir()):
-      if path.suffix.lower() != ".csv":
-        continue
-      match = _LABEL_NAME.match(path.name)
-      if not match or match.group(2) not in folds.BP4D_TASKS:
-        bad.report(ValueError(f"{path}: label file name is not <subject>_<task>.csv with task T1..T8"), path)
-        continue
-      sequences[(match.group(1), match.group(2))] = path
-    # Image folders without a label file: the label file is missing.
-    for subject_dir in sorted(p for p in images_dir.iterdir() if p.is_dir()):
-      for task_dir in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
-        if (subject_dir.name, task_dir.name) not in sequences:
-          expected = labels_dir / f"{subject_dir.name}_{task_dir.name}.csv"
-          error = FileNotFoundError(f"Missing label file {expected} for image folder {task_dir}")
-          bad.report(error, expected)
+    landmarks_dir = landmarks_folder(manual_dir, self.landmarks_dir, "BP4D")
+    sequences = self._label_files(labels_dir)
+    self._check_image_folders_are_labelled(images_dir, labels_dir, sequences)
     if not sequences:
       raise FileNotFoundError(f"No BP4D label files <subject>_<task>.csv in {labels_dir}\n{_INSTRUCTIONS}")
-
     plans: dict[int, list[tuple]] = {1: [], 2: [], 3: []}
     for (subject, task), label_path in sorted(sequences.items()):
       try:
         part = folds.part_of("bp4d", subject)
       except ValueError as e:
-        bad.report(ValueError(f"{label_path}: {e}"), label_path)
+        self.bad.report(ValueError(f"{label_path}: {e}"), label_path)
         continue
-      try:
-        labels = read_au_occ_csv(label_path)
-      except ValueError as e:
-        bad.report(e, label_path)
-        continue
-      task_dir = images_dir / subject / task
-      if not task_dir.is_dir():
-        bad.report(FileNotFoundError(f"No image folder {task_dir} for label file {label_path}"), task_dir)
-        continue
-      frames = index_frames(task_dir, bad)
-      points = None
-      if landmarks_dir is not None:
-        lm_path = landmarks_dir / f"{subject}_{task}.csv"
-        try:
-          points = read_landmarks_csv(lm_path)
-        except (FileNotFoundError, ValueError) as e:
-          bad.report(e, lm_path)
-          continue
-      self.num_unlabelled_images += len(set(frames) - set(labels))
-      s_index = folds.subject_index("bp4d", subject)
-      for frame, au in sorted(labels.items()):
-        if frame not in frames:
-          bad.report(FileNotFoundError(
-            f"No image for labelled frame {frame} of {label_path}: expected {task_dir}/{frame}.jpg "
-            f"(zero-padded names like {frame:04d}.jpg also match)"), task_dir / f"{frame}.jpg")
-          continue
-        frame_points = None
-        if points is not None:
-          if frame not in points:
-            bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
-            continue
-          frame_points = points[frame]
-        key = f"{subject}_{task}_{frame}"
-        plans[part].append((key, subject, s_index, task, frame, au, frames[frame], frame_points))
+      plans[part] += self._plan_sequence(subject, task, label_path, images_dir / subject / task, landmarks_dir)
     if self.num_unlabelled_images:
       log.info("BP4D: %d images have no label row (outside the AU-coded segments) and are not examples.",
                self.num_unlabelled_images)
     return plans
+
+  def _label_files(self, labels_dir: Path) -> dict[tuple[str, str], Path]:
+    """{(subject, task): path} of the `<subject>_<task>.csv` files; other .csv names are bad inputs."""
+    sequences = {}
+    for path in sorted(labels_dir.iterdir()):
+      if path.suffix.lower() != ".csv":
+        continue
+      match = _LABEL_NAME.match(path.name)
+      if not match or match.group(2) not in folds.BP4D_TASKS:
+        self.bad.report(ValueError(f"{path}: label file name is not <subject>_<task>.csv with task T1..T8"), path)
+        continue
+      sequences[(match.group(1), match.group(2))] = path
+    return sequences
+
+  def _check_image_folders_are_labelled(self, images_dir: Path, labels_dir: Path,
+                                        sequences: dict[tuple[str, str], Path]) -> None:
+    """An image folder `<subject>/<task>` without its label file is a bad input: the label file is missing."""
+    for subject_dir in sorted(p for p in images_dir.iterdir() if p.is_dir()):
+      for task_dir in sorted(p for p in subject_dir.iterdir() if p.is_dir()):
+        if (subject_dir.name, task_dir.name) not in sequences:
+          expected = labels_dir / f"{subject_dir.name}_{task_dir.name}.csv"
+          self.bad.report(FileNotFoundError(f"Missing label file {expected} for image folder {task_dir}"), expected)
+
+  def _plan_sequence(self, subject: str, task: str, label_path: Path, task_dir: Path,
+                     landmarks_dir: Path | None) -> list[tuple]:
+    """The plan items of one label file: its labelled frames that have an image (and landmarks, if used)."""
+    bad = self.bad
+    try:
+      labels = read_au_occ_csv(label_path)
+    except ValueError as e:
+      bad.report(e, label_path)
+      return []
+    if not task_dir.is_dir():
+      bad.report(FileNotFoundError(f"No image folder {task_dir} for label file {label_path}"), task_dir)
+      return []
+    frames = index_frames(task_dir, bad)
+    points = None
+    if landmarks_dir is not None:
+      lm_path = landmarks_dir / f"{subject}_{task}.csv"
+      try:
+        points = read_landmarks_csv(lm_path)
+      except (FileNotFoundError, ValueError) as e:
+        bad.report(e, lm_path)
+        return []
+    self.num_unlabelled_images += len(set(frames) - set(labels))
+    s_index = folds.subject_index("bp4d", subject)
+    items = []
+    for frame, au in sorted(labels.items()):
+      if frame not in frames:
+        bad.report(FileNotFoundError(
+          f"No image for labelled frame {frame} of {label_path}: expected {task_dir}/{frame}.jpg "
+          f"(zero-padded names like {frame:04d}.jpg also match)"), task_dir / f"{frame}.jpg")
+        continue
+      frame_points = None
+      if points is not None:
+        if frame not in points:
+          bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
+          continue
+        frame_points = points[frame]
+      items.append((f"{subject}_{task}_{frame}", subject, s_index, task, frame, au, frames[frame], frame_points))
+    return items
 
   def _generate_examples(self, plan):
     nan_intensity = np.full((len(folds.BP4D_AUS),), -1.0, np.float32)
