@@ -87,14 +87,16 @@ def make_bp4d(root: Path, *, subjects=BP4D_FIXTURE_SUBJECTS, tasks=("T1", "T2"),
 
 
 def make_disfa(root: Path, *, subjects=DISFA_FIXTURE_SUBJECTS, n_frames: int = 5, layout: str = "frames",
-               seed: int = 0) -> dict:
+               image_base: int = 1, image_name: str | None = None, seed: int = 0) -> dict:
   """Writes <root>/ActionUnit_Labels/<s>/<s>_au<N>.txt (frames 1..n) and either
-  <root>/frames/<s>/<frame>.png|jpg (layout="frames"; subject 0 as 00001.png, the others as 1.jpg; plus an
-  unlabelled frame n+1) or
+  <root>/frames/<s>/<number>.png|jpg (layout="frames"; subject 0 as 00001.png, the others as 1.jpg, or all as
+  `image_name.format(number)`; plus an unlabelled frame n+1) or
   <root>/Videos_LeftCamera/LeftVideo<s>_comp.avi (layout="video", lossless FFV1, n+1 frames; needs PyAV).
 
-  Subject 0: AU1 intensity 1 at frame 1 and 2 at frame 2. Returns {(subject, frame): {"intensity": float32
-  (8,), "au": int8 (8,), "colour": (r, g, b), "path": Path | None}}.
+  The video's frame f (counted from 0) is label frame f + 1 and image number f + image_base: image_base=0 is
+  the 0-based numbering of extraction scripts that count from 0. Subject 0: AU1 intensity 1 at frame 1 and 2
+  at frame 2. Returns {(subject, label frame): {"intensity": float32 (8,), "au": int8 (8,), "colour": (r, g,
+  b), "path": Path | None}}.
   """
   rng = np.random.default_rng(seed)
   root = Path(root)
@@ -108,24 +110,29 @@ def make_disfa(root: Path, *, subjects=DISFA_FIXTURE_SUBJECTS, n_frames: int = 5
     for ai, au in enumerate(DISFA_AUS):
       lines = [f"{f + 1},{intensity[f, ai]}" for f in range(n_frames)]
       (label_dir / f"{subject}_au{au}.txt").write_text("\n".join(lines) + "\n")
+
+    def image_path(f, si=si, subject=subject):
+      number = f + image_base
+      if image_name is not None:
+        name = image_name.format(number)
+      else:
+        name = f"{number:05d}.png" if si == 0 else f"{number}.jpg"
+      return root / "frames" / subject / name
+
     images = [face_image(_colour(si, 1, f)) for f in range(n_frames + 1)]
     if layout == "frames":
       for f, image in enumerate(images):
-        name = f"{f + 1:05d}.png" if si == 0 else f"{f + 1}.jpg"
-        write_image(root / "frames" / subject / name, image)
+        write_image(image_path(f), image)
     elif layout == "video":
       write_video(root / "Videos_LeftCamera" / f"LeftVideo{subject}_comp.avi", images)
     else:
       raise ValueError(layout)
     for f in range(n_frames):
-      path = None
-      if layout == "frames":
-        path = root / "frames" / subject / (f"{f + 1:05d}.png" if si == 0 else f"{f + 1}.jpg")
       truth[(subject, f + 1)] = {
         "intensity": intensity[f].astype(np.float32),
         "au": (intensity[f] >= 2).astype(np.int8),
         "colour": _colour(si, 1, f),
-        "path": path,
+        "path": image_path(f) if layout == "frames" else None,
       }
   return truth
 

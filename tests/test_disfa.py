@@ -1,7 +1,11 @@
 """DISFA: fold lists, label parsing, and the TFDS builder on generated trees (extracted frames, AVI)."""
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +199,92 @@ def test_landmarks(tmp_path):
   np.testing.assert_array_equal(plans[1][1][7], [[0, 0], [4, 4]])
   with pytest.raises(FileNotFoundError, match="landmarks folder"):
     _scan(tmp_path, landmarks_dir="nowhere")
+
+
+@pytest.mark.parametrize("content, match", [
+  ("1,0\n2,x\n", r"line 2: expected `frame,intensity` \(two integers\), got '2,x'"),
+  ("1,0\n2\n", r"line 2: expected `frame,intensity` \(two integers\)"),
+  ("1,0\n2,1,3\n", r"line 2: expected `frame,intensity`"),
+  ("0,3\n1,0\n", "line 1: frame numbers start at 1 in DISFA label files, got 0"),
+  (b"\x89PNG\r\n\x1a\n\x00\x00\xff", "not a text file"),
+])
+def test_corrupt_label_file_is_one_line_naming_file_and_line(tmp_path, content, match):
+  path = tmp_path / "SN001_au4.txt"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(ValueError, match=match) as e:
+    read_intensity_txt(path)
+  assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_corrupt_label_file_in_builder(tmp_path):
+  make_disfa(tmp_path, n_frames=2)
+  path = tmp_path / "ActionUnit_Labels/SN013/SN013_au12.txt"
+  path.write_text("1,0\n2,high\n")
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ": line 2: expected `frame,intensity`") as e:
+    _scan(tmp_path)
+  assert "\n" not in str(e.value)
+  builder, plans = _scan(tmp_path, skip_bad=True)
+  assert builder.bad.count == 1 and not plans[2] and len(plans[1]) == len(plans[3]) == 2
+
+
+# Frames extracted counting from 0 (image i = the video's frame i = label frame i + 1), as many scripts write them.
+ZERO_BASED_NAMES = [None, "frame_{:06d}.jpg", "{}.png"]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+@pytest.mark.parametrize("image_name", ZERO_BASED_NAMES)
+def test_zero_based_frames_are_refused_by_default(tmp_path, image_name, skip_bad):
+  make_disfa(tmp_path, n_frames=3, image_base=0, image_name=image_name)
+  folder = tmp_path / "frames" / "SN001"  # the first subject scanned
+  with pytest.raises(ValueError, match=re.escape(str(folder)) + ": the frame images look numbered from 0") as e:
+    _scan(tmp_path, skip_bad=skip_bad)
+  message = str(e.value)
+  assert "images numbered 0..3" in message and "label frames 1..3" in message
+  assert "--frame_index_base=0" in message and "\n" not in message
+
+
+def test_zero_based_frames_are_refused_by_prepare_with_skip_bad(tmp_path):
+  make_disfa(tmp_path / "manual", n_frames=2, image_base=0)
+  with pytest.raises(ValueError, match="--frame_index_base=0"):
+    prepare("disfa", tmp_path / "manual", tmp_path / "data", skip_bad=True)
+
+
+@pytest.mark.parametrize("image_name", ZERO_BASED_NAMES)
+def test_zero_based_frames_with_frame_index_base_0(tmp_path, image_name):
+  manual = tmp_path / "manual"
+  truth = make_disfa(manual, n_frames=4, image_base=0, image_name=image_name)
+  _, plans = _scan(manual, frame_index_base=0)
+  for items in plans.values():  # label frame f is read from the image numbered f - 1
+    assert [(it[3], it[6]) for it in items] == [(f, ("image", truth[(it[1], f)]["path"]))
+                                                for it, f in zip(items, (1, 2, 3, 4), strict=True)]
+  builder = prepare("disfa", manual, tmp_path / "data", frame_index_base=0)
+  for part, subject in zip((1, 2, 3), ("SN001", "SN013", "SN003"), strict=True):
+    # Pixels against the colour written for each label frame: a shift by one frame fails here.
+    assert _check(builder.as_data_source(split=f"part{part}"), truth, subject) == {1, 2, 3, 4}
+  assert builder.num_unlabelled_images == 3 and builder.bad.count == 0  # the last image of each subject
+
+
+def test_one_based_frames_with_frame_index_base_0_are_refused(tmp_path):
+  make_disfa(tmp_path, n_frames=2)
+  folder = tmp_path / "frames" / "SN001"
+  for skip_bad in (False, True):
+    with pytest.raises(ValueError, match=re.escape(str(folder)) + r": frame_index_base=0 .* no image numbered 0"):
+      _scan(tmp_path, frame_index_base=0, skip_bad=skip_bad)
+  with pytest.raises(ValueError, match="frame_index_base must be 0 or 1"):
+    Disfa(data_dir=str(tmp_path / "_unused"), frame_index_base=2)
+
+
+def test_prepare_cli_frame_index_base(tmp_path):
+  manual = tmp_path / "manual"
+  truth = make_disfa(manual, subjects=("SN001",), n_frames=2, image_base=0, image_name="frame_{:06d}.jpg")
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=disfa", f"--manual_dir={manual}"]
+  refused = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd1'}", "--skip_bad"], capture_output=True, text=True,
+                           env=env)
+  assert refused.returncode != 0 and "--frame_index_base=0" in refused.stderr
+  assert str(manual / "frames" / "SN001") in refused.stderr
+  ok = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd2'}", "--frame_index_base=0"], capture_output=True,
+                      text=True, env=env)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert _check(data_source("disfa", "part1", data_dir=tmp_path / "d2"), truth, "SN001") == {1, 2}

@@ -31,11 +31,13 @@ from etils import epath
 
 from maejax.data import folds
 from maejax.data.images import (
+  IMAGE_EXTS,
   BadInputs,
   au_features,
   encode_image,
   face_crop,
   index_frames,
+  landmarks_folder,
   load_rgb,
   read_landmarks_csv,
 )
@@ -46,16 +48,20 @@ IMAGE_SIZE = 256
 OCCURRENCE_THRESHOLD = 2  # occurrence = intensity >= 2 (the ME-GraphAU / JAA-Net convention)
 
 _SUBJECT = re.compile(r"^SN\d{3}$")
+_VIDEO_NAME = re.compile(r"^LeftVideo(SN\d{3})_comp\.avi$")
 
-_INSTRUCTIONS = """\
+_INSTRUCTIONS = f"""\
 Put the licensed DISFA release in the manual directory (--manual_dir) like this:
 
   <manual_dir>/ActionUnit_Labels/<subject>/<subject>_au<N>.txt
       e.g. SN001/SN001_au1.txt, lines `frame,intensity`
   and, per subject, either extracted left-camera frames (used when present)
   <manual_dir>/frames/<subject>/<frame>.png|jpg
-      file number = label frame number (1-based), zero-padded or not,
-      e.g. ffmpeg -i LeftVideoSN001_comp.avi frames/SN001/%05d.png
+      extensions read: {", ".join(IMAGE_EXTS)}
+      file number = label frame number (1-based), zero-padded or not, after an optional prefix,
+      e.g. ffmpeg -i LeftVideoSN001_comp.avi frames/SN001/%05d.png   (ffmpeg numbers from 1)
+      Frames numbered from 0 (0.png or frame_000000.jpg = the video's first frame) are refused unless you pass
+      frame_index_base=0 / --frame_index_base=0, which pairs image i with label frame i + 1.
   or the official video (decoded with PyAV `pip install av`, or OpenCV)
   <manual_dir>/Videos_LeftCamera/LeftVideo<subject>_comp.avi
       video frame i (0-based) = label frame i + 1
@@ -71,36 +77,48 @@ Resized to 256×256.
 
 
 def read_intensity_txt(path: str | os.PathLike) -> dict[int, int]:
-  """Parses a DISFA `<subject>_au<N>.txt`: lines `frame,intensity`, intensity an integer 0..5.
+  """Parses a DISFA `<subject>_au<N>.txt`: lines `frame,intensity`, frame an integer >= 1, intensity 0..5.
 
-  Returns {frame: intensity}. ValueError naming file and line for a malformed line, an out-of-range intensity
-  or a repeated frame; FileNotFoundError for a missing file.
+  Returns {frame: intensity}. ValueError naming the file, the line and what was expected for a file that is not
+  text, a malformed line, a frame below 1, an out-of-range intensity or a repeated frame; FileNotFoundError for a
+  missing file.
   """
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"DISFA label file not found: {path}")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      lines = list(enumerate(f, start=1))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a text file ({e}); expected lines `frame,intensity`") from None
   out: dict[int, int] = {}
-  with open(path, encoding="utf-8-sig") as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.strip()
-      if not line:
-        continue
-      cells = [c.strip() for c in line.split(",")]
-      try:
-        if len(cells) != 2:
-          raise ValueError
-        frame, intensity = int(cells[0]), int(cells[1])
-      except ValueError:
-        raise ValueError(f"{path}: line {line_no}: expected `frame,intensity` integers, got {line!r}"
-                         ) from None
-      if not 0 <= intensity <= 5:
-        raise ValueError(f"{path}: line {line_no}: intensity must be 0..5, got {intensity}")
-      if frame in out:
-        raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
-      out[frame] = intensity
+  for line_no, line in lines:
+    line = line.strip()
+    if not line:
+      continue
+    frame, intensity = _parse_label_line(path, line_no, line)
+    if frame in out:
+      raise ValueError(f"{path}: line {line_no}: frame {frame} appears twice")
+    out[frame] = intensity
   if not out:
     raise ValueError(f"{path}: no `frame,intensity` lines")
   return out
+
+
+def _parse_label_line(path: Path, line_no: int, line: str) -> tuple[int, int]:
+  where = f"{path}: line {line_no}"
+  cells = [c.strip() for c in line.split(",")]
+  try:
+    if len(cells) != 2:
+      raise ValueError
+    frame, intensity = int(cells[0]), int(cells[1])
+  except ValueError:
+    raise ValueError(f"{where}: expected `frame,intensity` (two integers), got {line[:60]!r}") from None
+  if frame < 1:
+    raise ValueError(f"{where}: frame numbers start at 1 in DISFA label files, got {frame}")
+  if not 0 <= intensity <= 5:
+    raise ValueError(f"{where}: intensity must be 0..5, got {intensity}")
+  return frame, intensity
 
 
 def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
@@ -155,11 +173,17 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
     # tfds' default resolves the path through `importlib_resources`, a package tfds does not install.
     return epath.Path(inspect.getfile(cls))
 
-  def __init__(self, *, skip_bad: bool = False, landmarks_dir: str | os.PathLike | None = None, **kwargs):
+  def __init__(self, *, skip_bad: bool = False, landmarks_dir: str | os.PathLike | None = None,
+               frame_index_base: int = 1, **kwargs):
     """skip_bad: count and log bad inputs instead of raising. landmarks_dir: optional landmarks folder
-    (absolute, or relative to the manual dir)."""
+    (absolute, or relative to the manual dir). frame_index_base: number of the first extracted frame image
+    (`frames/<subject>/`); 1 (DISFA's label numbering) or 0, which pairs image i with label frame i + 1."""
+    if frame_index_base not in (0, 1):
+      raise ValueError(f"frame_index_base must be 0 or 1 (the number of the first frame image), got "
+                       f"{frame_index_base!r}")
     self.skip_bad = skip_bad
     self.landmarks_dir = landmarks_dir
+    self.frame_index_base = frame_index_base
     self.bad = BadInputs(skip_bad, what="DISFA inputs")
     self.num_unlabelled_images = 0
     kwargs.setdefault("file_format", "array_record")
@@ -210,90 +234,122 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
       raise FileNotFoundError(f"DISFA folder not found: {labels_dir}\n{_INSTRUCTIONS}")
     if not frames_dir.is_dir() and not videos_dir.is_dir():
       raise FileNotFoundError(f"DISFA needs {frames_dir} or {videos_dir}; neither exists.\n{_INSTRUCTIONS}")
-    landmarks_dir = None
-    if self.landmarks_dir is not None:
-      landmarks_dir = Path(self.landmarks_dir)
-      if not landmarks_dir.is_absolute():
-        landmarks_dir = manual_dir / landmarks_dir
-      if not landmarks_dir.is_dir():
-        raise FileNotFoundError(f"DISFA landmarks folder not found: {landmarks_dir}")
-
-    bad = self.bad
-    subjects = []
-    for d in sorted(p for p in labels_dir.iterdir() if p.is_dir()):
-      if not _SUBJECT.match(d.name):
-        bad.report(ValueError(f"{d}: label folder name is not a DISFA subject id like SN001"), d)
-        continue
-      subjects.append(d.name)
-    # Frames or videos without labels: the label files are missing.
-    with_images = set()
-    if frames_dir.is_dir():
-      with_images |= {p.name for p in frames_dir.iterdir() if p.is_dir()}
-    if videos_dir.is_dir():
-      with_images |= {m.group(1) for p in videos_dir.iterdir()
-                      if (m := re.match(r"^LeftVideo(SN\d{3})_comp\.avi$", p.name))}
-    for subject in sorted(with_images - set(subjects)):
-      expected = labels_dir / subject / f"{subject}_au1.txt"
-      error = FileNotFoundError(f"Missing label files {expected} (and the other AUs) for subject {subject}, "
-                                "whose frames/video exist")
-      bad.report(error, expected)
+    landmarks_dir = landmarks_folder(manual_dir, self.landmarks_dir, "DISFA")
+    subjects = self._subjects(labels_dir)
+    self._check_media_are_labelled(labels_dir, frames_dir, videos_dir, subjects)
     if not subjects:
       raise FileNotFoundError(f"No DISFA subject folders SN### in {labels_dir}\n{_INSTRUCTIONS}")
-
     plans: dict[int, list[tuple]] = {1: [], 2: [], 3: []}
     for subject in subjects:
       try:
         part = folds.part_of("disfa", subject)
       except ValueError as e:
-        bad.report(ValueError(f"{labels_dir / subject}: {e}"), labels_dir / subject)
+        self.bad.report(ValueError(f"{labels_dir / subject}: {e}"), labels_dir / subject)
         continue
-      try:
-        labels = self._read_subject_labels(labels_dir, subject)
-      except (FileNotFoundError, ValueError) as e:
-        bad.report(e)
-        continue
-      points = None
-      if landmarks_dir is not None:
-        lm_path = landmarks_dir / f"{subject}.csv"
-        try:
-          points = read_landmarks_csv(lm_path)
-        except (FileNotFoundError, ValueError) as e:
-          bad.report(e, lm_path)
-          continue
-      subject_frames = frames_dir / subject
-      video = videos_dir / f"LeftVideo{subject}_comp.avi"
-      if subject_frames.is_dir():
-        images = index_frames(subject_frames, bad)
-        self.num_unlabelled_images += len(set(images) - set(labels))
-      elif video.is_file():
-        images = None
-      else:
-        error = FileNotFoundError(f"No frames for {subject}: expected {subject_frames}/ or {video}")
-        bad.report(error, video)
-        continue
-      s_index = folds.subject_index("disfa", subject)
-      for frame, (au, intensity) in sorted(labels.items()):
-        if images is None:
-          source = ("video", video, frame - 1)
-        elif frame in images:
-          source = ("image", images[frame])
-        else:
-          bad.report(FileNotFoundError(
-            f"No image for labelled frame {frame} of {labels_dir / subject}: expected "
-            f"{subject_frames}/{frame}.png (or .jpg, zero-padded names also match)"),
-            subject_frames / f"{frame}.png")
-          continue
-        frame_points = None
-        if points is not None:
-          if frame not in points:
-            bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
-            continue
-          frame_points = points[frame]
-        key = f"{subject}_{frame}"
-        plans[part].append((key, subject, s_index, frame, au, intensity, source, frame_points))
+      plans[part] += self._plan_subject(subject, labels_dir, frames_dir / subject,
+                                        videos_dir / f"LeftVideo{subject}_comp.avi", landmarks_dir)
     if self.num_unlabelled_images:
       log.info("DISFA: %d frame images have no label line and are not examples.", self.num_unlabelled_images)
     return plans
+
+  def _subjects(self, labels_dir: Path) -> list[str]:
+    """The subject ids of the label folders; a folder not named like SN001 is a bad input."""
+    subjects = []
+    for d in sorted(p for p in labels_dir.iterdir() if p.is_dir()):
+      if not _SUBJECT.match(d.name):
+        self.bad.report(ValueError(f"{d}: label folder name is not a DISFA subject id like SN001"), d)
+        continue
+      subjects.append(d.name)
+    return subjects
+
+  def _check_media_are_labelled(self, labels_dir: Path, frames_dir: Path, videos_dir: Path,
+                                subjects: list[str]) -> None:
+    """Frames or a video of a subject without label folder is a bad input: its label files are missing."""
+    with_media = set()
+    if frames_dir.is_dir():
+      with_media |= {p.name for p in frames_dir.iterdir() if p.is_dir()}
+    if videos_dir.is_dir():
+      with_media |= {m.group(1) for p in videos_dir.iterdir() if (m := _VIDEO_NAME.match(p.name))}
+    for subject in sorted(with_media - set(subjects)):
+      expected = labels_dir / subject / f"{subject}_au1.txt"
+      error = FileNotFoundError(f"Missing label files {expected} (and the other AUs) for subject {subject}, "
+                                "whose frames/video exist")
+      self.bad.report(error, expected)
+
+  def _plan_subject(self, subject: str, labels_dir: Path, subject_frames: Path, video: Path,
+                    landmarks_dir: Path | None) -> list[tuple]:
+    """The plan items of one subject: its labelled frames that have an image or video frame (and landmarks,
+    if used)."""
+    bad = self.bad
+    try:
+      labels = self._read_subject_labels(labels_dir, subject)
+    except (FileNotFoundError, ValueError) as e:
+      bad.report(e)
+      return []
+    points = None
+    if landmarks_dir is not None:
+      lm_path = landmarks_dir / f"{subject}.csv"
+      try:
+        points = read_landmarks_csv(lm_path)
+      except (FileNotFoundError, ValueError) as e:
+        bad.report(e, lm_path)
+        return []
+    if subject_frames.is_dir():
+      images = self._label_frame_images(subject_frames, labels)
+      self.num_unlabelled_images += len(set(images) - set(labels))
+    elif video.is_file():
+      images = None
+    else:
+      bad.report(FileNotFoundError(f"No frames for {subject}: expected {subject_frames}/ or {video}"), video)
+      return []
+    s_index = folds.subject_index("disfa", subject)
+    items = []
+    for frame, (au, intensity) in sorted(labels.items()):
+      if images is None:
+        source = ("video", video, frame - 1)
+      elif frame in images:
+        source = ("image", images[frame])
+      else:
+        number = frame - 1 + self.frame_index_base
+        bad.report(FileNotFoundError(
+          f"No image for labelled frame {frame} of {labels_dir / subject}: expected "
+          f"{subject_frames}/{number}.png (or .jpg, zero-padded names also match)"),
+          subject_frames / f"{number}.png")
+        continue
+      frame_points = None
+      if points is not None:
+        if frame not in points:
+          bad.report(ValueError(f"{lm_path}: no landmarks for frame {frame}"), lm_path)
+          continue
+        frame_points = points[frame]
+      items.append((f"{subject}_{frame}", subject, s_index, frame, au, intensity, source, frame_points))
+    return items
+
+  def _label_frame_images(self, folder: Path, labels: dict[int, tuple]) -> dict[int, Path]:
+    """{label frame: image path} of a subject's frame images: image number i is label frame
+    i + 1 − frame_index_base.
+
+    Raises ValueError naming the folder (whatever skip_bad says, since every frame would carry its neighbour's
+    labels) when the numbering contradicts frame_index_base: an image numbered 0 while the
+    images are read as 1-based, or no image 0 while they are read as 0-based.
+    """
+    images = index_frames(folder, self.bad)
+    if not images:
+      return {}
+    found = (f"images numbered {min(images)}..{max(images)} ({images[min(images)].name} first), label frames "
+             f"{min(labels)}..{max(labels)}")
+    if self.frame_index_base == 1 and 0 in images:
+      raise ValueError(
+        f"{folder}: the frame images look numbered from 0 ({found}), while DISFA label frames count from 1; "
+        "reading them as 1-based would give every image the labels of the frame before it. If image i is the video's "
+        "frame i counted from 0, pass frame_index_base=0 (--frame_index_base=0) to pair it with label frame "
+        "i + 1; otherwise remove the image numbered 0")
+    if self.frame_index_base == 0 and 0 not in images:
+      raise ValueError(
+        f"{folder}: frame_index_base=0 (--frame_index_base=0) reads image i as label frame i + 1, but there is "
+        f"no image numbered 0 ({found}): the images look numbered from 1; drop frame_index_base=0")
+    shift = 1 - self.frame_index_base
+    return {number + shift: path for number, path in images.items()}
 
   def _images(self, plan) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yields (plan item, uint8 (H, W, 3) image) for the readable items of `plan`; each video decoded once."""

@@ -2,7 +2,8 @@ r"""Builds the BP4D / DISFA TFDS datasets from Python (the `tfds build` CLI need
 
   python -m maejax.data.prepare --dataset=bp4d --manual_dir=/data/BP4D --data_dir=~/tensorflow_datasets \
       [--images_subdir=2D+3D] [--landmarks_dir=...] [--skip_bad]
-  python -m maejax.data.prepare --dataset=disfa --manual_dir=/data/DISFA --data_dir=~/tensorflow_datasets
+  python -m maejax.data.prepare --dataset=disfa --manual_dir=/data/DISFA --data_dir=~/tensorflow_datasets \
+      [--frame_index_base=0] [--landmarks_dir=...] [--skip_bad]
 
 Reading back (random access, straight into `grain.MapDataset.source`):
   src = data_source("bp4d", "fold1_train", data_dir=...)   # == tfds.data_source("bp4d", split="part1+part2")
@@ -26,7 +27,8 @@ BUILDERS = {"bp4d": Bp4d, "disfa": Disfa}
 
 def make_builder(dataset: str, *, data_dir: str | os.PathLike | None = None, skip_bad: bool = False,
                  **builder_kwargs) -> tfds.core.DatasetBuilder:
-  """The `Bp4d` / `Disfa` builder (array_record). builder_kwargs: images_subdir (BP4D), landmarks_dir."""
+  """The `Bp4d` / `Disfa` builder (array_record). builder_kwargs: images_subdir (BP4D), frame_index_base
+  (DISFA), landmarks_dir."""
   name = dataset.lower()
   if name not in BUILDERS:
     raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(BUILDERS)}.")
@@ -65,6 +67,10 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip (count and log) bad input
 _IMAGES_SUBDIR = flags.DEFINE_string("images_subdir", "2D+3D", "BP4D: frames folder under manual_dir.")
 _LANDMARKS_DIR = flags.DEFINE_string("landmarks_dir", None, "Optional landmarks folder "
                                      "(see the builder docs).")
+_FRAME_INDEX_BASE = flags.DEFINE_integer(
+  "frame_index_base", 1, "DISFA: number of the first extracted frame image in frames/<subject>/; 0 pairs "
+  "image i with label frame i + 1 (frames written from 0, e.g. 0.png or frame_000000.jpg).", lower_bound=0,
+  upper_bound=1)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -73,6 +79,10 @@ def main(argv: Sequence[str]) -> None:
   kwargs: dict[str, Any] = {"landmarks_dir": _LANDMARKS_DIR.value}
   if _DATASET.value == "bp4d":
     kwargs["images_subdir"] = _IMAGES_SUBDIR.value
+    if _FRAME_INDEX_BASE.present:
+      raise ValueError("--frame_index_base is a DISFA option (BP4D image names are the label frame numbers)")
+  else:
+    kwargs["frame_index_base"] = _FRAME_INDEX_BASE.value
   builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, skip_bad=_SKIP_BAD.value, **kwargs)
   for split, info in sorted(builder.info.splits.items()):
     logging.info("%s %s: %d examples", builder.name, split, info.num_examples)
