@@ -280,12 +280,13 @@ def jax_train_case(name: str, init_fn: Callable, loss_fn: Callable, batch: dict,
   """
   import jax
 
+  from maejax import sharding
   from maejax.trainers import common as tc
   batch_size = len(next(iter(batch.values())))
   tx, _ = tc.make_optimizer(optim or optim_config(), batch_size, total_steps=10_000)
-  mesh = tc.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  trainer = tc.create_trainer(init_fn, loss_fn, tx, mesh, tc.DEFAULT_RULES, seed)
-  gbatch = tc.global_batch(batch, mesh)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  trainer = tc.create_trainer(init_fn, loss_fn, tx, mesh, sharding.DEFAULT_RULES, seed)
+  gbatch = sharding.global_batch(batch, mesh)
   compiled, compile_s = timed(lambda: trainer.step_fn.lower(trainer.state, gbatch).compile())
   holder = {"state": trainer.state}
 

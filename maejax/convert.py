@@ -430,40 +430,13 @@ def convert_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
 
 def save_converted(dst: str | os.PathLike, params: Params, config: Mapping[str, Any], *,
                    overwrite: bool = False) -> str:
-  """Writes ``DST/params`` (Orbax StandardSave) and ``DST/config`` (JsonSave). Returns the absolute path."""
-  import orbax.checkpoint as ocp
+  """Validates the config keys, then writes the converted checkpoint (:func:`maejax.checkpoints.save_converted`)."""
+  from maejax import checkpoints
 
-  path = os.path.abspath(os.fspath(dst))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"destination {path!r} already exists; choose a new directory or pass "
-                          "overwrite=True (CLI --overwrite)")
   unknown = set(config) - set(CONFIG_KEYS)
   if unknown:
     raise ValueError(f"unknown config keys {sorted(unknown)}; expected a subset of {CONFIG_KEYS}")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                             config=ocp.args.JsonSave(dict(config))), force=overwrite)
-  return path
-
-
-def load_converted(path: str | os.PathLike, target: Params | None = None) -> tuple[Params, dict]:
-  """Reads a checkpoint written by :func:`save_converted`: ``(params, config)``.
-
-  Without ``target`` the params come back as numpy arrays (as saved). ``target``: a pytree of
-  ``jax.ShapeDtypeStruct`` with shardings (e.g. from ``jax.eval_shape`` of the trainer's init) restores
-  them as sharded jax arrays. ``DST/params`` is a plain StandardCheckpointer item, so
-  ``ocp.StandardCheckpointer().restore(DST / 'params', target)`` works too; ``DST/config/metadata`` is JSON.
-  """
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(os.fspath(path))
-  for item in ("params", "config"):
-    if not os.path.isdir(os.path.join(path, item)):
-      raise FileNotFoundError(f"{path!r} is not a converted maejax checkpoint: missing item {item!r}")
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    out = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(target),
-                                                      config=ocp.args.JsonRestore()))
-  return out["params"], dict(out["config"])
+  return checkpoints.save_converted(dst, params, config, overwrite=overwrite)
 
 
 def build_model(config: Mapping[str, Any], **overrides):

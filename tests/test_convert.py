@@ -31,7 +31,7 @@ from test_parity_hf import (  # noqa: E402
   v5_state_dict,
 )
 
-from maejax import convert  # noqa: E402
+from maejax import checkpoints, convert  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_round_trip_orbax(sd, tmp_path):
   params, config, _ = convert.convert_state_dict(sd, num_heads=HEADS, decoder_heads=DEC_HEADS)
   dst = tmp_path / "ckpt"
   convert.save_converted(dst, params, config)
-  loaded, loaded_config = convert.load_converted(dst)
+  loaded, loaded_config = checkpoints.load_converted(dst)
   assert loaded_config == config
   a, b = _leaves(params), _leaves(loaded)
   assert a.keys() == b.keys()
@@ -68,7 +68,7 @@ def test_round_trip_orbax(sd, tmp_path):
   # With an abstract target (what a trainer passes) the params come back as jax arrays with its sharding.
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), params)
-  sharded, _ = convert.load_converted(dst, target)
+  sharded, _ = checkpoints.load_converted(dst, target)
   for k, v in _leaves(sharded).items():
     np.testing.assert_array_equal(v, a[k], err_msg=k)
   assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(sharded))
@@ -81,7 +81,7 @@ def test_encoder_only_round_trip_and_safetensors(sd, tmp_path):
   save_file({k: v.contiguous() for k, v in sd.items() if k.startswith("vit.")}, str(src))
   params, config, info = convert.convert(src, tmp_path / "ckpt", num_heads=HEADS)
   assert set(params) == {"encoder"} and config["decoder_width"] is None
-  loaded, loaded_config = convert.load_converted(tmp_path / "ckpt")
+  loaded, loaded_config = checkpoints.load_converted(tmp_path / "ckpt")
   assert loaded_config == config
   for k, v in _leaves(params).items():
     np.testing.assert_array_equal(v, _leaves(loaded)[k], err_msg=k)
@@ -100,7 +100,7 @@ def test_cli_official_pth(sd, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "official" in proc.stdout and "encoder + decoder" in proc.stdout, proc.stdout
   assert "heads 4 (argument)" in proc.stdout, proc.stdout
-  loaded, config = convert.load_converted(dst)
+  loaded, config = checkpoints.load_converted(dst)
   params, expected_config, _ = convert.convert_state_dict(ckpt, num_heads=HEADS, decoder_heads=DEC_HEADS)
   assert config == expected_config
   for k, v in _leaves(params).items():
@@ -165,7 +165,7 @@ def test_user_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
     convert.convert(tmp_path)
   with pytest.raises(FileNotFoundError, match="not a converted maejax checkpoint"):
-    convert.load_converted(tmp_path)
+    checkpoints.load_converted(tmp_path)
 
 
 def test_standard_sizes_infer_heads():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maejax import checkpoints, sharding
 from maejax.trainers import common
 from maejax.trainers import mae as mae_stage
 
@@ -46,13 +47,13 @@ def batches(n, b=16, seed=0):
 def run_steps(mesh_cfg, steps=3, grad_accum=1, loss_fn=None, data=None):
   cfg, model, init_fn = smoke_setup()
   devices = jax.devices()[:int(np.prod(list(mesh_cfg.values())))]
-  mesh = common.make_mesh(mesh_cfg, devices)
+  mesh = sharding.make_mesh(mesh_cfg, devices)
   tx, _ = common.make_optimizer(cfg.optim, 16, 10)
   tr = common.create_trainer(init_fn, loss_fn or mae_stage.mae_loss_fn(model), tx, mesh, cfg.sharding_rules,
                              seed=0, grad_accum_steps=grad_accum)
   state, losses = tr.state, []
   for b in data or batches(steps):
-    state, m = tr.step_fn(state, common.global_batch(b, mesh))
+    state, m = tr.step_fn(state, sharding.global_batch(b, mesh))
     losses.append(float(m["loss"]))
   return tr, state, losses
 
@@ -109,21 +110,21 @@ def test_gradient_accumulation_matches_full_batch():
 def test_restore_onto_another_mesh_and_continue(tmp_path):
   data = batches(4)
   tr8, state8, _ = run_steps({"data": 8}, data=data[:2])
-  ck = common.Checkpointer(str(tmp_path), save_every=1)
+  ck = checkpoints.Checkpointer(str(tmp_path), save_every=1)
   ck.save(2, state8, None, {"note": "test"})
   ck.close()
   params8 = jax.device_get(state8.params)
-  cont8, m8 = tr8.step_fn(state8, common.global_batch(data[2], tr8.mesh))  # donates state8
+  cont8, m8 = tr8.step_fn(state8, sharding.global_batch(data[2], tr8.mesh))  # donates state8
 
   tr, _, _ = run_steps({"data": 2, "fsdp": 4}, data=[])
-  ck = common.Checkpointer(str(tmp_path), save_every=1)
+  ck = checkpoints.Checkpointer(str(tmp_path), save_every=1)
   restored = ck.restore(tr.state, tr.state_shardings)
   ck.close()
   assert int(restored.step) == 2
   kernel = restored.params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.mesh.shape == {"data": 2, "fsdp": 4} and kernel.sharding.spec[0] == "fsdp"
   assert_trees_close(jax.device_get(restored.params), params8, rtol=0, atol=0)
-  cont, m = tr.step_fn(restored, common.global_batch(data[2], tr.mesh))
+  cont, m = tr.step_fn(restored, sharding.global_batch(data[2], tr.mesh))
   np.testing.assert_allclose(float(m["loss"]), float(m8["loss"]), rtol=1e-5)
   assert_trees_close(jax.device_get(cont.params), jax.device_get(cont8.params))
 
@@ -137,7 +138,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     loss = loss + batch["poison"][0]
     return loss, (dict(m, loss=loss), e)
 
-  mesh = common.make_mesh({"data": 2}, jax.devices()[:2])
+  mesh = sharding.make_mesh({"data": 2}, jax.devices()[:2])
   tx, _ = common.make_optimizer(cfg.optim, 16, 10)
   tr = common.create_trainer(init_fn, poisoned, tx, mesh, cfg.sharding_rules, seed=0)
   data = [dict(b, poison=np.full((16,), np.nan if i == 4 else 0.0, np.float32))
@@ -145,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   cfg.checkpoint_every = 1
   with pytest.raises(common.NonFiniteLoss, match="at step 5"):
     common.train_loop(tr, iter(grain.MapDataset.source(data).to_iter_dataset()), 6, str(tmp_path), cfg, {"m": 1})
-  ck = common.Checkpointer(str(tmp_path))
+  ck = checkpoints.Checkpointer(str(tmp_path))
   assert ck.latest_step() == 4
   restored = ck.restore(tr.state, tr.state_shardings)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(restored.params))

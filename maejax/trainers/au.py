@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from maejax import losses, metrics
+from maejax import checkpoints, losses, metrics, sharding
 from maejax.data import au_pipeline, pipeline, synthfaces
 from maejax.models.au_model import AUModel, keep_least_occluded
 from maejax.models.vit import vit_size
@@ -170,7 +170,7 @@ def fit(name: str, model: AUModel, run: ml_collections.ConfigDict, config: ml_co
         lr_multipliers: bool = False, mode: str = "train") -> dict:
   """Trains (or, when its final checkpoint exists, restores) one AU model; returns its variables
   ``{"params", "batch_stats"}``. With ``teacher = (model, variables)`` the loss is the student loss."""
-  mesh = common.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   img, mc = model.img_size, {k: getattr(model, k) for k in MODEL_KEYS}
   dummy = jnp.zeros((1, img, img, 3), jnp.float32)
   num_aus = model.num_aus
@@ -237,7 +237,7 @@ def fit(name: str, model: AUModel, run: ml_collections.ConfigDict, config: ml_co
   os.makedirs(workdir, exist_ok=True)
   if _complete(workdir, run.total_steps):
     logging.info("%s: final checkpoint found in %s; restoring instead of training", name, workdir)
-    ck = common.Checkpointer(workdir)
+    ck = checkpoints.Checkpointer(workdir)
     state = ck.restore(trainer.state, trainer.state_shardings)
     ck.close()
   elif mode == "eval":
@@ -273,7 +273,7 @@ def _merge(config: ml_collections.ConfigDict, run: ml_collections.ConfigDict) ->
 
 def load_encoder(path: str) -> tuple[dict, dict]:
   """Encoder params + their config from an MAE/DMAE workdir or a ``maejax.convert`` output."""
-  params, mc = common.load_params(path)
+  params, mc = checkpoints.load_params(path)
   params = params.get("encoder", params) if isinstance(params, Mapping) else params
   if "blocks_0" not in params:
     raise ValueError(f"{path}: no ViT encoder parameters found (expected an MAE / DMAE checkpoint)")

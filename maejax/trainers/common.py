@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding
+
+from maejax.checkpoints import Checkpointer
+from maejax.sharding import batch_sharding, global_batch, param_shardings, replicated
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, tuple[dict, PyTree]]]
@@ -44,77 +45,6 @@ class TrainState:
   opt_state: PyTree
   rng: jax.Array
   extra: PyTree
-
-
-# ------------------------------------------------------------------------------------------------- mesh
-
-BATCH_AXES = ("data", "fsdp")
-DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("decoder_embed", "fsdp"),
-    ("teacher_embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("patch", None),
-)
-
-
-def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Mesh from ``{"data": -1, "fsdp": 1, "model": 1}``; one ``-1`` takes the remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
-  names = tuple(mesh_config.keys())
-  unknown = set(names) - {"data", "fsdp", "model"}
-  if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of data, fsdp, model")
-  sizes = [int(v) for v in mesh_config.values()]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(mesh_config)}")
-  fixed = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % fixed:
-      raise ValueError(f"{len(devices)} devices cannot be split into mesh {dict(mesh_config)}")
-    sizes[sizes.index(-1)] = len(devices) // fixed
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(names, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} available")
-  return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
-
-
-def _fit_spec(spec: P, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
-  """Replicates a dimension instead where its mesh axes are absent from ``mesh`` or do not divide it (e.g. 2
-  heads on a 4-way model axis)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
-    names = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in mesh.shape)
-    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    out.append((names[0] if len(names) == 1 else names) if names and dim % size == 0 else None)
-  return P(*out)
-
-
-def param_shardings(boxed_abstract: PyTree, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> PyTree:
-  """NamedShardings for (boxed, abstract) params from their logical axis names and ``rules``."""
-  specs = nn.get_partition_spec(boxed_abstract)
-  mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = nn.meta.unbox(boxed_abstract)
-  return jax.tree_util.tree_map(
-      lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)), mesh_specs, shapes,
-      is_leaf=lambda s: isinstance(s, P))
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Per-process numpy batch → global jax arrays sharded over the batch axes of ``mesh``."""
-  sh = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
 
 
 # -------------------------------------------------------------------------------------------- optimizer
@@ -228,21 +158,6 @@ class Trainer:
   step_fn: Callable  # (state, batch) -> (state, metrics); frozen inputs already bound
 
 
-def shard_frozen(init_fn: Callable[[jax.Array], PyTree], values: PyTree, mesh: jax.sharding.Mesh,
-                 rules: Sequence[tuple[str, Any]]) -> PyTree:
-  """Places frozen ``values`` (e.g. a loaded teacher's params) with the shardings their logical axes give;
-  ``init_fn`` is the matching model's init, only traced for the axis names."""
-  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))["params"]
-  sh = param_shardings(boxed, mesh, rules)
-  flat_v = flax.traverse_util.flatten_dict(flax.core.unfreeze(values))
-  flat_sh = flax.traverse_util.flatten_dict(flax.core.unfreeze(sh))
-  missing = sorted("/".join(k) for k in flat_sh if k not in flat_v and k[0] != "decoder")
-  if missing:
-    raise ValueError(f"frozen parameters lack {missing[:8]}{' …' if len(missing) > 8 else ''}")
-  return flax.traverse_util.unflatten_dict(
-      {k: jax.device_put(jnp.asarray(v), flat_sh[k]) for k, v in flat_v.items() if k in flat_sh})
-
-
 def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: optax.GradientTransformation,
                    mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], seed: int,
                    grad_accum_steps: int = 1, init_params: PyTree | None = None,
@@ -308,78 +223,6 @@ def _overlay(params: PyTree, given: PyTree, shardings: PyTree) -> PyTree:
                        f"the model expects {tuple(flat[k].shape)}")
     flat[k] = jax.device_put(jnp.asarray(v, flat[k].dtype), sh[k])
   return flax.traverse_util.unflatten_dict(flat)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-class Checkpointer:
-  """Orbax CheckpointManager over ``workdir/checkpoints``: train state + grain iterator state + model config."""
-
-  def __init__(self, workdir: str, keep: int = 3, save_every: int = 1000, with_data: bool = True):
-    self.with_data = with_data
-    self.save_every = max(save_every, 1)
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(save_every, 1),
-                                             enable_async_checkpointing=False))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: TrainState, data_iter: Any | None, config: Mapping[str, Any],
-           force: bool = False) -> bool:
-    import grain
-    items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(dict(config))}
-    if self.with_data and data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    self.manager.wait_until_finished()
-    return saved
-
-  def restore(self, state_like: TrainState, shardings: TrainState, data_iter: Any | None = None,
-              step: int | None = None) -> TrainState:
-    """Restores onto ``shardings`` (any mesh); the iterator is restored in place when given."""
-    import grain
-    step = self.latest_step() if step is None else step
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings)
-    items = {"state": ocp.args.StandardRestore(abstract)}
-    if self.with_data and data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
-
-  def close(self):
-    self.manager.close()
-
-
-def load_params(path: str, step: int | None = None) -> tuple[PyTree, dict]:
-  """Model params + model config from a training workdir (latest step) or a ``maejax.convert`` output."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
-    from maejax import convert  # a converted official / HF checkpoint
-    params, config = convert.load_converted(path)
-    return params, dict(config)
-  ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  if not os.path.isdir(ckdir):
-    raise FileNotFoundError(f"no checkpoint at {path}: expected a training workdir (with checkpoints/) or "
-                            "the output of `python -m maejax.convert`")
-  mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint steps in {ckdir}")
-  config = mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-  state_dir = os.path.join(ckdir, str(step), "state")
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(state_dir).item_metadata["params"]
-  abstract = {"params": jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)}
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=one), abstract)
-  # Only the params are read: a teacher's optimizer state never leaves the disk.
-  restored = {"state": ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=restore_args, partial_restore=True))}
-  return restored["state"]["params"], dict(config)
 
 
 # --------------------------------------------------------------------------------------------- the loop

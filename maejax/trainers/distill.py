@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from maejax import checkpoints, sharding
 from maejax.data import pipeline
 from maejax.models.dmae import DMAEStudent, dmae_loss
 from maejax.trainers import common
@@ -29,7 +30,7 @@ def load_teacher(path: str):
     raise FileNotFoundError(f"config.distill.teacher={path!r} does not exist (train it with "
                             "`python -m maejax.main --config=configs/mae_pretrain.py --workdir=...` or convert "
                             "official weights with `python -m maejax.convert`)")
-  params, cfg = common.load_params(path)
+  params, cfg = checkpoints.load_params(path)
   cfg = {k: v for k, v in cfg.items() if v is not None}
   return mae_stage.build_model(cfg), params, cfg
 
@@ -53,7 +54,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   logging.info("distill: teacher %s from %s, pairs %s, head %s, distance %s, teacher %s", teacher_cfg, d.teacher,
                pairs, d.head, d.distance, d.teacher_mode)
   model = DMAEStudent(student_mae, teacher.width, pairs, d.head, d.get("head_hidden") or None)
-  mesh = common.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   img = student_mae.img_size
   dummy = jnp.zeros((1, img, img, student_mae.in_chans), jnp.float32)
   teacher_init = lambda r: teacher.init({"params": r, "masking": r}, dummy)
@@ -63,7 +64,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   if enc_only:
     teacher_init = lambda r: {"params": {"encoder": teacher.init(
         {"params": r, "masking": r}, dummy)["params"]["encoder"]}}
-  frozen = common.shard_frozen(teacher_init, teacher_params, mesh, config.sharding_rules)
+  frozen = sharding.shard_like_params(teacher_init, teacher_params, mesh, config.sharding_rules)
 
   def loss_fn(params, extra, batch, rng, teacher_p):
     images = pipeline.normalize(batch["image"])

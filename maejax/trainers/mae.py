@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from maejax import viz
+from maejax import sharding, viz
 from maejax.data import pipeline
 from maejax.models.mae import MAE
 from maejax.models.vit import patchify, unpatchify, vit_size
@@ -67,7 +67,7 @@ def reconstruction_figure(model: MAE, params, images_uint8: np.ndarray, path: st
 def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   """Runs MAE pretraining into ``workdir`` (resuming when it has a checkpoint)."""
   model = build_model(config.model)
-  mesh = common.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
   img = model.img_size
   dummy = jnp.zeros((1, img, img, model.in_chans), jnp.float32)
   init_fn = lambda r: model.init({"params": r, "masking": r}, dummy)
