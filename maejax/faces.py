@@ -4,7 +4,8 @@ Detection is MediaPipe's BlazeFace through the Tasks API (``mediapipe.tasks.pyth
 optional dependency: ``pip install maejax[faces]``; imported only when a detector is built, since it pulls in cv2
 and TensorFlow). Two models form a cascade: the full-range model at score ≥ 0.5 first (it finds several faces,
 none in noise, and its keypoints barely move under a mask or a hand); only when it finds nothing, the short-range
-model at score ≥ 0.6 (it recovers sunglasses and upper-face occluders, and fires on noise below 0.6).
+model at score ≥ 0.6 and roll ≤ 45° (it recovers sunglasses and upper-face occluders; its detections in noise
+score up to ~0.7 but lie rolled by more than 50°).
 
 Model files: mediapipe ≥ 0.10.30 ships none, so :func:`fetch_models` takes the two ``.tflite`` files out of the
 ``mediapipe==0.10.21`` wheel (downloaded with the running interpreter's ``pip download``, or a local copy of the
@@ -41,7 +42,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import weakref
 import zipfile
 from collections.abc import Sequence
 
@@ -78,6 +78,10 @@ MODEL_WHEEL_TAGS = ("--python-version", "3.12", "--implementation", "cp", "--abi
 DEFAULT_MODEL_DIR = "~/.cache/maejax/models"
 # Cascade thresholds (FACES.md §2.5, §3.6): full-range at 0.5; short-range only when full-range finds nothing.
 MIN_SCORE = {"full_range": 0.5, "short_range": 0.6}
+# Short-range detections on pure noise come with the eye axis rolled −54° … −75° (uniform noise, 12 images: scores
+# up to 0.69, 2 of 12 above 0.6); occluded real faces it recovers are near upright. Its detections rolled more than
+# this are dropped.
+MAX_ROLL_DEG = {"short_range": 45.0}
 
 
 class ModelFetchError(RuntimeError):
@@ -399,9 +403,10 @@ def detections_from_result(result, width: int, height: int, model: str) -> list[
   return out
 
 
-def _close_all(stages: list) -> None:
-  while stages:
-    stages.pop()[1].close()
+def roll(keypoints: np.ndarray) -> float:
+  """Angle of the eye axis (image-left eye → image-right eye) in radians; 0 upright, positive clockwise on screen."""
+  e = np.asarray(keypoints, np.float64)[1] - np.asarray(keypoints, np.float64)[0]
+  return float(np.arctan2(e[1], e[0]))
 
 
 def _area(det: Detection) -> float:
@@ -412,7 +417,8 @@ class FaceDetector:
   """MediaPipe BlazeFace detectors of the cascade (:func:`resolve_models`), in IMAGE mode (stateless).
 
   ``detect(image)`` → detections, largest box first, at most ``max_faces`` (None: all); ``faces(image)`` → aligned
-  :class:`Face` s. Close it (or use ``with``) to free the native detectors."""
+  :class:`Face` s. Close it (or use ``with``): mediapipe's own cleanup of an open detector at interpreter exit
+  prints tracebacks, since its worker threads are gone by then."""
 
   def __init__(self, face_model: str | None = None, cache_dir: str | None = None, max_faces: int | None = None,
                min_score: float | None = None, suppression: float = 0.3):
@@ -428,8 +434,6 @@ class FaceDetector:
                                         running_mode=vision.RunningMode.IMAGE, min_detection_confidence=score,
                                         min_suppression_threshold=suppression)
       self._stages.append((name, vision.FaceDetector.create_from_options(opts)))
-    # Closed before interpreter shutdown too: mediapipe's own __del__ fails once its modules are torn down.
-    self._finalizer = weakref.finalize(self, _close_all, self._stages)
 
   def detect(self, image: np.ndarray) -> list[Detection]:
     if not self._stages:
@@ -440,6 +444,8 @@ class FaceDetector:
     dets = []
     for name, detector in self._stages:
       dets = detections_from_result(detector.detect(mp_image), w, h, name)
+      if name in MAX_ROLL_DEG:
+        dets = [d for d in dets if abs(np.degrees(roll(d.keypoints))) <= MAX_ROLL_DEG[name]]
       if dets:
         break
     dets.sort(key=_area, reverse=True)
@@ -449,7 +455,8 @@ class FaceDetector:
     return [align(image, d, size, method, box_scale) for d in self.detect(image)]
 
   def close(self) -> None:
-    self._finalizer()
+    while self._stages:
+      self._stages.pop()[1].close()
 
   def __enter__(self):
     return self
