@@ -2,7 +2,8 @@
 
 ``--config=configs/au_finetune.py`` (tiny CPU default on synthetic faces; set ``--config.init=<MAE workdir or
 converted checkpoint>``, empty = encoder from scratch), ``:smoke``, ``:bp4d`` / ``:disfa`` (ViT-B 224 px,
-paper recipe; ``fold=1..3``, e.g. ``:bp4d,fold=2``).
+paper recipe; ``fold=1..3``, e.g. ``:bp4d,fold=2``); ``seed=N`` sets config.seed, ``steps=N`` both teacher
+stages' total_steps.
 """
 
 import ml_collections
@@ -28,6 +29,7 @@ def model(img_size: int, patch_size: int, size: str = "", width=None, depth=None
   m.channels = channels  # C of node / edge features (512 in ME-GraphAU)
   m.top_k = top_k  # FGG top-K (4 BP4D, 3 DISFA)
   m.head_pool = head_pool  # average-pool the patch grid by this factor before the head (MEFL cost ∝ T²)
+  m.attention = "einsum"  # "einsum": fastest on CPU; on GPU/TPU "xla", or "cudnn" (GPU, bf16: fused flash attention)
   return m
 
 
@@ -82,15 +84,20 @@ def evaluation(examples: int, batch: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg)
-  variant = args.get("variant", "tiny")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown au_finetune variant {variant!r}; expected one of {VARIANTS}")
+  """``arg``: ``VARIANT[,fold=K][,seed=N][,steps=N]``."""
+  return make(**common.parse_arg(arg, __file__, VARIANTS, variant="tiny", fold=1, seed=0, steps=0))
+
+
+def make(variant: str = "tiny", *, fold: int = 1, seed: int = 0, steps: int = 0) -> ml_collections.ConfigDict:
+  """The config of ``variant`` on ``fold`` (BP4D / DISFA); ``steps`` > 0 replaces both teacher stages'
+  total_steps."""
+  common.check_variant(__file__, variant, VARIANTS)
   c = common.base("au_finetune")
-  c.mode = "train"
+  c.seed = seed
+  c.mode = "train"  # "train" | "eval" (rebuild the evaluation from the checkpoints)
   c.compilation_cache = "~/.cache/maejax/xla"  # persistent XLA cache ("" = off)
   c.init = ""  # encoder init: an MAE / DMAE workdir or a `maejax.convert` output
-  c.data = au_data(variant, int(args.get("fold", 1)))
+  c.data = au_data(variant, fold)
   if variant == "tiny":
     c.model = model(64, 8, width=128, depth=4, num_heads=4)
     # From scratch (init = ""): the encoder trains at the full lr (layer decay 1.0; 0.75 with an MAE init).
@@ -112,6 +119,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teacher.stage1.optim.b2 = 0.999
     c.eval = evaluation(0, 128)
     c.log_every = 100
-  if "steps" in args:
-    c.teacher.stage1.total_steps = c.teacher.stage2.total_steps = int(args["steps"])
+  if steps:
+    c.teacher.stage1.total_steps = c.teacher.stage2.total_steps = steps
   return c

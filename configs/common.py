@@ -1,6 +1,13 @@
-"""Pieces every stage's config shares (mesh, sharding rules, logging, the synthetic data default)."""
+"""Pieces every stage's config shares (mesh, sharding rules, logging, the synthetic data default) and the
+parser of the ``--config=FILE.py:ARG`` argument."""
+
+import os
+from collections.abc import Sequence
 
 import ml_collections
+
+from maejax import sharding
+from maejax.config_utils import closest_names
 
 
 def base(stage: str) -> ml_collections.ConfigDict:
@@ -16,9 +23,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   # Mesh axes and sizes; one -1 takes the remaining devices. FSDP / tensor parallel are config changes.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  # Logical parameter axis -> mesh axis. Unlisted logical axes (and dims a mesh axis does not divide) replicate.
-  c.sharding_rules = (("embed", "fsdp"), ("decoder_embed", "fsdp"), ("teacher_embed", "fsdp"),
-                      ("mlp", "model"), ("heads", "model"), ("kv", None), ("patch", None))
+  c.sharding_rules = sharding.DEFAULT_RULES  # logical parameter axis -> mesh axis
   c.data = synthfaces()
   return c
 
@@ -54,15 +59,62 @@ def adamw(base_lr: float, weight_decay: float, warmup_steps: int) -> ml_collecti
   return o
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """``"vit_b"`` or ``"variant=vit_b,steps=10"`` → dict (big_vision style)."""
-  out: dict[str, str] = {}
+_TRUE, _FALSE = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
+
+
+def _convert(config_file: str, key: str, text: str, default):
+  """``text`` as the type of ``default`` (bool / int / float / str)."""
+  kind = type(default)
+  try:
+    if kind is bool:
+      if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+      raise ValueError
+    return kind(text)
+  except ValueError:
+    expected = {bool: "true or false", int: "an int", float: "a float"}.get(kind, kind.__name__)
+    raise ValueError(f"{config_file}: config argument {key}={text!r}: expected {expected} (default "
+                     f"{default!r})") from None
+
+
+def _where(config_file: str) -> str:
+  """``config_file`` relative to the working directory when it lies below it (as users type it)."""
+  rel = os.path.relpath(config_file)
+  return config_file if rel.startswith("..") else rel
+
+
+def check_variant(config_file: str, variant: str, variants: Sequence[str]) -> None:
+  if variant not in variants:
+    raise ValueError(f"{_where(config_file)}: unknown variant {variant!r}{closest_names(variant, variants)} "
+                     f"(variants: {', '.join(variants)})")
+
+
+def parse_arg(arg: str | None, config_file: str, variants: Sequence[str], /, **spec) -> dict:
+  """Parses the ``ARG`` of ``--config=FILE.py:ARG`` against the keys a config declares (big_vision style).
+
+  ``spec`` declares every accepted key with its typed default, e.g. ``variant="tiny", fold=1, steps=0``.
+  ``ARG`` is ``"key=value,..."``; a bare word is the variant (``"bp4d,fold=2"`` == ``"variant=bp4d,fold=2"``).
+  Values are converted to the default's type. An undeclared key, a value of the wrong type or a variant not in
+  ``variants`` raises ``ValueError`` naming the config file and the closest valid names.
+
+  Returns:
+    ``{key: value}`` for every key of ``spec`` (the default where ``ARG`` does not set it).
+  """
+  where = _where(config_file)
+  if "variant" not in spec:
+    raise TypeError("parse_arg: spec must declare variant=<default variant>")
+  out = dict(spec)
   for part in (arg or "").split(","):
+    part = part.strip()
     if not part:
       continue
-    k, _, v = part.partition("=")
-    if v:
-      out[k] = v
-    else:
-      out["variant"] = k
+    key, eq, text = part.partition("=")
+    key = key.strip()
+    if not eq:
+      key, text = "variant", part
+    if key not in spec:
+      raise ValueError(f"{where}: unknown config argument {key!r} in {arg!r}{closest_names(key, list(spec))} "
+                       f"(accepted: {', '.join(spec)})")
+    out[key] = _convert(where, key, text.strip(), spec[key])
+  check_variant(config_file, out["variant"], variants)
   return out

@@ -1,7 +1,7 @@
 """DMAE distillation. Default: a tiny student distilled from the tiny ``mae_pretrain`` teacher in
 ``workdir/mae_pretrain`` (run that stage first). ``:vit_l_to_vit_b`` is the paper's setting: ViT-B student,
 ViT-L teacher (``--config.distill.teacher=`` a converted ``mae_pretrain_vit_large.pth`` or a workdir), student
-block 8 aligned to teacher block 17 (0-based)."""
+block 8 aligned to teacher block 17 (0-based). ``steps=N`` sets total_steps."""
 
 import ml_collections
 
@@ -26,13 +26,15 @@ def distill(teacher: str, pairs) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg)
-  variant = args.get("variant", "tiny")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown distill variant {variant!r}; expected one of {VARIANTS}")
-  base = mae_pretrain.get_config("smoke" if variant == "smoke" else
-                                 "vit_b" if variant == "vit_l_to_vit_b" else "tiny")
-  c = base
+  """``arg``: ``VARIANT[,steps=N]``."""
+  return make(**common.parse_arg(arg, __file__, VARIANTS, variant="tiny", steps=0))
+
+
+def make(variant: str = "tiny", *, steps: int = 0) -> ml_collections.ConfigDict:
+  """The config of ``variant``: the MAE config of the student's size plus ``distill``; ``steps`` > 0 replaces
+  total_steps."""
+  common.check_variant(__file__, variant, VARIANTS)
+  c = mae_pretrain.make({"smoke": "smoke", "vit_l_to_vit_b": "vit_b"}.get(variant, "tiny"))
   c.stage = "distill"
   if variant == "tiny":
     c.model.width, c.model.depth, c.model.num_heads = 64, 4, 4  # half the teacher's width
@@ -43,6 +45,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     c.distill = distill("", ((8, 17),))
     c.total_steps = 100 * 312  # 100 ImageNet epochs at batch 4096
-  if "steps" in args:
-    c.total_steps = int(args["steps"])
+  if steps:
+    c.total_steps = steps
   return c

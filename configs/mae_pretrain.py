@@ -1,5 +1,6 @@
 """MAE pretraining. ``--config=configs/mae_pretrain.py`` (tiny CPU default on synthetic faces) or
-``:vit_b`` / ``:vit_l`` / ``:vit_h`` (the paper's recipe at 224 px)."""
+``:vit_b`` / ``:vit_l`` / ``:vit_h`` (the paper's recipe at 224 px); ``steps=N`` sets total_steps
+(e.g. ``:smoke,steps=4``)."""
 
 import ml_collections
 
@@ -28,14 +29,18 @@ def model(size: str | None, img_size: int, patch_size: int, **kw) -> ml_collecti
   m.dtype = "float32"  # "bfloat16" computes in bf16 with fp32 params
   m.remat = False
   m.mask_token_in_encoder = False  # the paper's no-skipping baseline
+  m.attention = "einsum"  # "einsum": fastest on CPU; on GPU/TPU "xla", or "cudnn" (GPU, bf16: fused flash attention)
   return m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg)
-  variant = args.get("variant", "tiny")
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown mae_pretrain variant {variant!r}; expected one of {VARIANTS}")
+  """``arg``: ``VARIANT[,steps=N]``."""
+  return make(**common.parse_arg(arg, __file__, VARIANTS, variant="tiny", steps=0))
+
+
+def make(variant: str = "tiny", *, steps: int = 0) -> ml_collections.ConfigDict:
+  """The config of ``variant``; ``steps`` > 0 replaces its total_steps."""
+  common.check_variant(__file__, variant, VARIANTS)
   c = common.base("mae_pretrain")
   if variant == "tiny":
     # ~1 M parameters at 64 px (64 patches of 8x8): learns visibly in a few CPU minutes.
@@ -70,6 +75,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every = 100
     c.eval_every = 5000
     c.checkpoint_every = 2000
-  if "steps" in args:
-    c.total_steps = int(args["steps"])
+  if steps:
+    c.total_steps = steps
   return c
