@@ -2,12 +2,13 @@
 
 MAE (He et al.): :func:`norm_pix_target`, :func:`mae_loss`.
 DMAE (Bai et al.): :func:`l2_normalize`, :func:`feature_distance`, :func:`dmae_feature_loss`.
-ME-GraphAU / occlusion KD: :func:`wal_loss`, :func:`au_pos_weights`, :func:`edge_ce_loss`, node/edge KD.
+ME-GraphAU / occlusion KD: :func:`wal_loss`, :func:`au_pos_weights`, :func:`edge_ce_loss`, node/edge KD,
+:func:`occlusion_bce` (the token-drop predictor), :func:`weighted_sum` (a student's total).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,3 +193,16 @@ def node_kd_loss(student: Array, teacher: Array, kind: str = "mse") -> Array:
 def edge_kd_loss(student: Array, teacher: Array, kind: str = "mse") -> Array:
   """Edge-level KD between ``(B, N·N, C)`` edge features; kinds and reductions as :func:`node_kd_loss`."""
   return _kd(student, teacher, kind, "edge_kd_loss")
+
+
+def occlusion_bce(logits: Array, frac: Array) -> Array:
+  """Per-patch BCE of the occlusion predictor against the true occluded fraction (a soft target), mean:
+  ``max(z, 0) − z·f + log(1 + e^{−|z|})``."""
+  logits = logits.astype(jnp.float32)
+  return jnp.mean(jnp.maximum(logits, 0) - logits * frac + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def weighted_sum(terms: Mapping[str, Array], weights: Mapping[str, Array]) -> Array:
+  """``Σ_k w_k · term_k`` over the terms present (the weights are arrays, so models that differ only in them
+  share one compiled step)."""
+  return sum(weights[k] * v for k, v in terms.items())

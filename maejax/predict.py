@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,136 +26,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv")
+from maejax import au_infer
+from maejax.au_infer import LoadedAUModel
+from maejax.data.images import IMAGE_EXTS, VIDEO_EXTS
+
 THRESHOLD = 0.5  # the AU head's probabilities are thresholded at 0.5 (DESIGN §4), as in training and F1
 
 
-# ------------------------------------------------------------------------------------------- the model
-
-
-@dataclasses.dataclass
-class LoadedAUModel:
-  """A restored AU model: ``model`` (AUModel), ``variables`` ({"params", "batch_stats"}), the AU numbers of its
-  outputs, the checkpoint directory and the model config saved with it."""
-
-  model: Any
-  variables: dict
-  aus: tuple[int, ...]
-  path: str
-  config: dict
-
-  @property
-  def img_size(self) -> int:
-    return self.model.img_size
-
-
-def available_models(workdir: str) -> list[str]:
-  """Model names ``--model`` accepts for ``workdir`` (``teacher`` and the trained students)."""
-  out = []
-  if any(_has_ckpt(os.path.join(workdir, *p)) for p in (("teacher", "stage2"), ("stage2",))):
-    out.append("teacher")
-  students = os.path.join(workdir, "students")
-  if os.path.isdir(students):
-    out += sorted(n for n in os.listdir(students) if _has_ckpt(os.path.join(students, n)))
-  return out
-
-
-def _has_ckpt(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def model_dir(workdir: str, model: str = "") -> str:
-  """The checkpoint directory of ``model`` in ``workdir`` (see the module docstring); ``""`` = ``kd`` if
-  trained, else the teacher."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"--checkpoint: no directory {workdir}; expected an au_occl / au_finetune workdir")
-  if _has_ckpt(workdir) and not model:
-    return workdir
-  names = available_models(workdir)
-  if not model:
-    model = "kd" if "kd" in names else "teacher"
-  if model == "teacher":
-    for sub in (("teacher", "stage2"), ("stage2",)):
-      if _has_ckpt(os.path.join(workdir, *sub)):
-        return os.path.join(workdir, *sub)
-  elif _has_ckpt(os.path.join(workdir, "students", model)):
-    return os.path.join(workdir, "students", model)
-  raise FileNotFoundError(f"--model={model}: no trained model of that name in {workdir}; available: "
-                          f"{names or 'none (expected teacher/stage2/checkpoints or students/NAME/checkpoints)'}")
-
-
-def default_aus(num_aus: int, workdir: str | None = None) -> tuple[int, ...]:
-  """AU numbers of a model with ``num_aus`` outputs: from ``WORKDIR/report/report.json`` when there is one,
-  else BP4D's 12 or DISFA's 8 (the datasets' AU lists, which the synthetic faces use too)."""
-  from maejax.data import folds
-  for d in filter(None, (workdir, os.path.dirname(workdir or ""), os.path.dirname(os.path.dirname(workdir or "")))):
-    p = os.path.join(d, "report", "report.json")
-    if os.path.exists(p):
-      with open(p) as f:
-        aus = tuple(json.load(f).get("aus", ()))
-      if len(aus) == num_aus:
-        return aus
-  for name in ("bp4d", "disfa"):
-    if len(folds.aus(name)) == num_aus:
-      return tuple(folds.aus(name))
-  raise ValueError(f"the model predicts {num_aus} AUs, which is neither BP4D's 12 nor DISFA's 8: pass their "
-                   "numbers with --aus=1,2,4,...")
-
-
 def load_au_model(workdir: str, model: str = "", aus: Sequence[int] | None = None) -> LoadedAUModel:
-  """Restores an AU model (params + BatchNorm statistics, nothing else) from its latest Orbax checkpoint."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  from maejax.trainers import au
-
-  path = model_dir(workdir, model)
-  ckdir = os.path.join(path, "checkpoints")
-  mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = mgr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint steps in {ckdir}")
-  mc = dict(mgr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
-  mgr.close()
-  if "num_aus" not in mc:
-    raise ValueError(f"{path}: not an AU model checkpoint (its saved config has no num_aus: {sorted(mc)})")
-  state_dir = os.path.join(ckdir, str(step), "state")
-  ckptr = ocp.PyTreeCheckpointer()
-  meta = ckptr.metadata(state_dir).item_metadata
-  # Only params and BatchNorm statistics are read: optimizer state and a student's copy of the teacher stay on disk.
-  item = {"params": meta["params"], "extra": {"batch_stats": meta["extra"].get("batch_stats", {})}}
-  abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), item)
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=one), abstract)
-  state = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
-                                                               partial_restore=True))
-  variables = {"params": state["params"], "batch_stats": state["extra"]["batch_stats"]}
-  net = au.build_model({k: v for k, v in mc.items() if k in au.MODEL_KEYS})
-  aus = tuple(int(a) for a in aus) if aus else default_aus(net.num_aus, path)
-  if len(aus) != net.num_aus:
-    raise ValueError(f"--aus lists {len(aus)} AUs but the model in {path} predicts {net.num_aus}")
-  return LoadedAUModel(net, variables, aus, path, mc)
-
-
-def predict_images(loaded: LoadedAUModel, images: np.ndarray, drop: str = "", drop_threshold: float = 0.5
-                   ) -> np.ndarray:
-  """AU probabilities ``(B, N)`` of ``images (B, S, S, 3)`` uint8 at the model's size. ``drop="pred"``
-  removes the patches the model's occlusion predictor finds occluded (models trained with ``occ_predictor``)."""
-  from maejax.trainers import au
-
-  predict, occ = au._predict_fn(loaded.model)
-  ids = None
-  if drop == "pred":
-    if not loaded.model.occlusion_predictor:
-      raise ValueError(f"--drop=pred: the model in {loaded.path} has no occlusion predictor (train it with "
-                       "occ_predictor=True, e.g. the kd_drop student)")
-    l = loaded.model.num_patches
-    ids = au.drop_ids(np.asarray(occ(loaded.variables, images)), drop_threshold, max(1, l // 8), max(1, l // 8))
-  elif drop:
-    raise ValueError(f"--drop must be '' or 'pred', got {drop!r}")
-  return np.asarray(predict(loaded.variables, images, ids)[0])
+  """``--checkpoint`` / ``--model`` / ``--aus`` → the restored model (:func:`maejax.au_infer.load`)."""
+  return au_infer.load(workdir, model, aus)
 
 
 # -------------------------------------------------------------------------------------------- the input
@@ -326,7 +205,7 @@ def predict_path(loaded: LoadedAUModel, path: str, output: str, *, batch_size: i
           images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, 0)])
         x = images if sharding is None else jax.device_put(images, sharding)
         # Rounded before thresholding, so every row's AUxx_c is exactly (AUxx_p ≥ 0.5) as written.
-        probs = np.round(predict_images(loaded, x, drop, drop_threshold)[:n].astype(np.float64), 4)
+        probs = np.round(au_infer.predict_probs(loaded, x, drop, drop_threshold)[:n].astype(np.float64), 4)
         for it, p in zip(batch, probs, strict=True):
           ts = "" if it.timestamp is None else f"{it.timestamp:.3f}"
           w.writerow([it.file, it.frame, ts] + [f"{v:.4f}" for v in p] + [int(v >= THRESHOLD) for v in p])

@@ -1,7 +1,7 @@
 """The occlusion-robustness report: avg-F1 table (rows = models, columns = occlusion conditions), per-AU F1
 CSV, JSON, and PNGs (F1 vs occluded ratio, example predictions, the learned AU relation graph).
 
-``results`` (from ``trainers.au.evaluate``): ``{row: {condition: {"f1": (N,), "ratio": float,
+``results`` (from ``au_infer.evaluate``): ``{row: {condition: {"f1": (N,), "ratio": float,
 "adjacency": (N, N), "examples": [(image uint8 (S, S, 3), labels (N,), probs (N,)), ...]}}}``.
 
 Several seeds: ``python -m maejax.report DIR1 DIR2 ...`` prints mean ± std over the ``report.json`` files.

@@ -135,7 +135,7 @@ def load_common_config():
 
 
 def test_config_cache_dir_at_both_construction_sites(tmp_path):
-  from maejax.trainers import au
+  from maejax.data import au_pipeline
   cfg = load_common_config().synthfaces(32)
   cfg.num_subjects, cfg.frames_per_subject, cfg.seed = 4, 5, 1
   cfg.aus = ()  # the AU stages' key (() = BP4D's AUs)
@@ -144,11 +144,11 @@ def test_config_cache_dir_at_both_construction_sites(tmp_path):
     cfg.cache_dirr = str(tmp_path)
   assert cfg.cache_dir == face_cache.DEFAULT_CACHE_DIR
   cfg.cache_dir = str(tmp_path)
-  for make in (pipeline.make_source, au.make_source):
+  for make in (pipeline.make_source, au_pipeline.au_source):
     src = make(cfg, "test")
     assert isinstance(src, face_cache.CachedSynthFaces) and src.path.startswith(str(tmp_path))
     ref = sf.SynthFaces(**DATA, subjects=src.subjects)
     assert_same_record(src[len(src) - 1], ref[len(ref) - 1])
   cfg.cache_dir = ""
-  for make in (pipeline.make_source, au.make_source):
+  for make in (pipeline.make_source, au_pipeline.au_source):
     assert type(make(cfg, "train")) is sf.SynthFaces

@@ -11,7 +11,7 @@ import pytest
 from fixtures_au import corrupt, write_video
 from PIL import Image
 
-from maejax import predict
+from maejax import au_infer, predict
 from maejax.data import pipeline, synthfaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,10 +63,10 @@ def test_list_inputs(tmp_path):
 
 def test_model_dir_names_available_models(au_smoke_run):
   wd = str(au_smoke_run.workdir)
-  assert predict.model_dir(wd) == os.path.join(wd, "students", "kd")
-  assert predict.model_dir(wd, "teacher") == os.path.join(wd, "teacher", "stage2")
+  assert au_infer.model_dir(wd) == os.path.join(wd, "students", "kd")
+  assert au_infer.model_dir(wd, "teacher") == os.path.join(wd, "teacher", "stage2")
   with pytest.raises(FileNotFoundError, match="kd_drop"):  # lists what exists
-    predict.model_dir(wd, "no_such_student")
+    au_infer.model_dir(wd, "no_such_student")
 
 
 def test_probabilities_match_the_model_applied_directly(loaded, tmp_path):

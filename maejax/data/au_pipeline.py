@@ -167,3 +167,39 @@ def eval_batches(source: Any, condition: str, *, batch_size: int, size: int, pat
   view = AUEvalView(size, patch_size, num_aus, condition, seed)
   ds = grain.MapDataset.source(list(idx)).map(lambda i: view(int(i), source[int(i)]))
   yield from ds.batch(batch_size, drop_remainder=False)
+
+
+# ------------------------------------------------------------------------------------------- AU datasets
+
+AU_DATASETS = ("synthfaces", "bp4d", "disfa")
+
+
+def au_names(data_cfg) -> tuple[int, ...]:
+  """AU numbers of the dataset of ``config.data`` (synthfaces: BP4D's 12 unless ``data.aus`` lists others)."""
+  from maejax.data import folds, synthfaces
+  if data_cfg.name == "synthfaces":
+    return tuple(data_cfg.get("aus") or synthfaces.BP4D_AUS)
+  if data_cfg.name in ("bp4d", "disfa"):
+    return folds.aus(data_cfg.name)
+  raise ValueError(f"config.data.name must be one of {AU_DATASETS} for AU stages, got {data_cfg.name!r}")
+
+
+def au_source(data_cfg, split: str) -> Any:
+  """AU records for ``split`` ("train" / "test"): synthetic faces (subject-exclusive split; from the render
+  cache in ``data.cache_dir`` unless it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold``
+  (1..3)."""
+  if data_cfg.name == "synthfaces":
+    from maejax.data.pipeline import synthfaces_source
+    return synthfaces_source(data_cfg, split, au_names(data_cfg))
+  if data_cfg.name in ("bp4d", "disfa"):
+    from maejax.data import prepare
+    return prepare.data_source(data_cfg.name, f"fold{int(data_cfg.fold)}_{split}",
+                               data_dir=data_cfg.get("data_dir") or None)
+  raise ValueError(f"config.data.name must be one of {AU_DATASETS} for AU stages, got {data_cfg.name!r}")
+
+
+def sample_labels(source: Any, num_aus: int, max_examples: int = 4000, seed: int = 0) -> np.ndarray:
+  """``(M, N)`` int8 labels of a fixed subset of ``source`` (e.g. for the WAL weights of a training split)."""
+  idx = eval_indices(len(source), max_examples, seed)
+  get = source.labels if hasattr(source, "labels") else source.__getitem__
+  return np.stack([labels_of(get(int(i)), num_aus) for i in idx])

@@ -15,6 +15,7 @@ plus an optional small per-patch occlusion predictor used to drop occluded token
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -73,13 +74,14 @@ class LatentTransform(nn.Module):
   depth: int = 0
   num_heads: int = 4
   pool: int = 2
+  attention: str = "einsum"  # see :func:`maejax.models.vit.attention`
 
   @nn.compact
   def __call__(self, tokens: Array, ids_keep: Array | None) -> Array:
     d = tokens.shape[-1]
     x = tokens
     for i in range(self.depth):
-      x = VitBlock(self.num_heads, name=f"blocks_{i}")(x, True)
+      x = VitBlock(self.num_heads, attention=self.attention, name=f"blocks_{i}")(x, True)
     if self.depth:
       x = layer_norm("norm")(x)
     grid, valid = scatter_to_grid(x[:, 1:], ids_keep, self.num_patches)
@@ -131,6 +133,7 @@ class AUModel(nn.Module):
   occlusion_predictor: bool = False
   freeze_encoder: bool = False
   dtype: Any = jnp.float32
+  attention: str = "einsum"  # see :func:`maejax.models.vit.attention`
 
   @property
   def num_patches(self) -> int:
@@ -140,8 +143,9 @@ class AUModel(nn.Module):
     if self.head not in ("graph", "linear"):
       raise ValueError(f"model.head must be 'graph' or 'linear', got {self.head!r}")
     self.encoder = ViT(self.img_size, self.patch_size, 3, self.width, self.depth, self.num_heads,
-                       self.mlp_ratio, 0.0, self.dtype)
-    self.transform = LatentTransform(self.num_patches, self.transform_depth, self.num_heads, self.head_pool)
+                       self.mlp_ratio, 0.0, self.dtype, attention=self.attention)
+    self.transform = LatentTransform(self.num_patches, self.transform_depth, self.num_heads, self.head_pool,
+                                     attention=self.attention)
     if self.head == "graph":
       self.au_head = GraphAUHead(self.num_aus, self.channels, self.top_k, self.stage, self.dtype)
     else:
@@ -174,3 +178,57 @@ def keep_least_occluded(frac: Array, keep: int, rng: Array | None = None) -> Arr
     score = score + 1e-3 * jax.random.uniform(rng, frac.shape)
   ids = jnp.argsort(score, axis=1)[:, :keep]
   return jnp.sort(ids, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AUModelConfig:
+  """The AU model's hyper-parameters: what a checkpoint saves as its ``config`` item and what
+  :meth:`build` turns into an :class:`AUModel`. ``config.model`` of the AU configs fills the encoder and head
+  fields (:meth:`from_config`); the stage (teacher / student) fills the rest."""
+
+  img_size: int = 64  # input side in pixels
+  patch_size: int = 8
+  width: int = 128  # encoder width D
+  depth: int = 4  # encoder blocks
+  num_heads: int = 4
+  mlp_ratio: float = 4.0
+  num_aus: int = 12  # N, outputs of the head
+  channels: int = 64  # C of node / edge features (512 in ME-GraphAU)
+  top_k: int = 4  # FGG top-K neighbours (4 BP4D, 3 DISFA)
+  stage: int = 2  # 1: AFG + FGG (ME-GraphAU stage 1); 2: + MEFL edges and gated GCN
+  head: str = "graph"  # "graph" | "linear" (ablation without the graph)
+  transform_depth: int = 0  # transformer blocks of the latent→AU transform (0 = the teacher)
+  head_pool: int = 2  # average-pool the patch grid by this factor before the head
+  occlusion_predictor: bool = False  # per-patch occlusion predictor for token dropping
+  freeze_encoder: bool = False  # stop gradients at the encoder output
+
+  @classmethod
+  def fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def from_config(cls, model_cfg, **overrides) -> AUModelConfig:
+    """From ``config.model`` (a ConfigDict or mapping; ``size`` "B"/"L"/"H" fills width/depth/heads, None
+    entries keep the defaults, keys of other stages' models are ignored) and ``overrides``."""
+    from maejax.models.vit import vit_size
+    out = {k: model_cfg[k] for k in cls.fields() if k in model_cfg and model_cfg[k] is not None}
+    if model_cfg.get("size"):
+      out = {**vit_size(model_cfg["size"]), **out}
+    return cls.from_json({**out, **overrides})
+
+  @classmethod
+  def from_json(cls, saved) -> AUModelConfig:
+    """From a saved config (strict: an unknown key is an error naming it)."""
+    unknown = sorted(set(saved) - set(cls.fields()))
+    if unknown:
+      raise ValueError(f"unknown AU model config keys {unknown}; expected a subset of {list(cls.fields())}")
+    return cls(**{k: v for k, v in saved.items() if v is not None})
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> AUModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  def build(self) -> AUModel:
+    return AUModel(**self.to_json())
