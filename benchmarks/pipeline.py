@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import multiprocessing
 import os
 import threading
@@ -49,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from maejax import config_utils
 from maejax.data import face_cache, occlusion, pipeline
 from maejax.trainers import mae as mae_trainer
 
@@ -69,10 +69,7 @@ flags.DEFINE_string("config", "", "config argument of configs/mae_pretrain.py (d
 def load_config(arg: str | None):
   """``configs/mae_pretrain.py``'s ``get_config(arg)``, loaded by path (configs/ is not a package)."""
   path = os.path.join(bc.ROOT, "configs", "mae_pretrain.py")
-  spec = importlib.util.spec_from_file_location("_bench_mae_pretrain_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_utils.load_config(f"{path}:{arg}" if arg else path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,6 @@
 (train, report, then ``mode=eval`` rebuilding the same report from the checkpoints)."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from maejax import report
+from maejax import config_utils, report
 from maejax.trainers import au
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(variant="smoke"):
-  spec = importlib.util.spec_from_file_location("au_occl_cfg", os.path.join(ROOT, "configs", "au_occl.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return config_utils.load_config(os.path.join(ROOT, "configs", f"au_occl.py:{variant}"))
 
 
 def test_configs_load():

@@ -2,7 +2,6 @@
 files detected, one builder among concurrent processes."""
 
 import fcntl
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -12,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from maejax import config_utils
 from maejax.data import face_cache, pipeline
 from maejax.data import synthfaces as sf
 
@@ -128,10 +128,7 @@ def test_concurrent_builders_render_once(tmp_path):
 
 
 def load_common_config():
-  spec = importlib.util.spec_from_file_location("cfg_common_face_cache", os.path.join(ROOT, "configs", "common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_utils.load_sibling(os.path.join(ROOT, "configs", "common.py"), "common")
 
 
 def test_config_cache_dir_at_both_construction_sites(tmp_path):

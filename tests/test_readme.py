@@ -16,6 +16,8 @@ import tomllib
 import numpy as np
 from PIL import Image
 
+from maejax import config_utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = ('pip install -e . && python -m maejax.main --config=configs/au_occl.py',
          'pip install -e ".[test]" && pytest -q -n 2 --dist loadgroup')
@@ -62,11 +64,7 @@ def maejax_calls():
 
 @functools.cache
 def load_config(spec):
-  path, _, arg = spec.partition(":")
-  s = importlib.util.spec_from_file_location("_readme_cfg", os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(s)
-  s.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+  return config_utils.load_config(os.path.join(ROOT, spec))
 
 
 def has_key(config, dotted):

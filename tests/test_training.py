@@ -1,7 +1,6 @@
 """The training system on simulated CPU devices: mesh equivalence, restore onto another mesh, gradient
 accumulation, non-finite loss, SIGTERM resume, two processes over loopback, and the stages end to end."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maejax import checkpoints, sharding
+from maejax import checkpoints, config_utils, sharding
 from maejax.trainers import common
 from maejax.trainers import mae as mae_stage
 
@@ -25,10 +24,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return config_utils.load_config(f"{ROOT / 'configs' / name}.py" + (f":{arg}" if arg else ""))
 
 
 def smoke_setup():
@@ -219,7 +215,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   assert 3 <= killed_at < 40, f"SIGTERM landed after the run finished (step {killed_at})"
   assert (wd / "checkpoints" / str(killed_at)).is_dir()
 
-  out = run_main(cmd).stderr
+  proc = run_main(cmd)
+  out = proc.stdout + proc.stderr
   assert f"resuming from step {killed_at}" in out
   resumed, full = read_losses(wd), read_losses(full_wd)
   assert sorted(resumed) == list(range(1, 41))
