@@ -521,7 +521,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
+  from maejax import cli
 
   _define_flags()
-  app.run(main)
+  cli.run(main, prog="maejax.convert")

@@ -1,5 +1,10 @@
 """``python -m maejax.main --config=configs/<stage>.py[:variant] --workdir=DIR [--config.key=value ...]``.
 
+The console shows what maejax prints (stage, progress, results) and warnings; the full absl INFO log (Orbax,
+clu, parameter tables, the config) goes to ``WORKDIR/main.log``. ``--verbosity=0`` (absl's flag) shows that INFO
+log on the console too. A user error (bad config key or value, missing file, busy workdir) is one line on stderr
+and exit status 2 (``--debug`` for its traceback); see ``maejax.cli``.
+
 Multi-host (TPU pods, multi-GPU clusters): pass ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (or set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); on Cloud TPU
 ``--distributed`` alone lets JAX discover them.
@@ -8,14 +13,24 @@ Multi-host (TPU pods, multi-GPU clusters): pass ``--coordinator_address``, ``--n
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow (imported by clu's metric writers; TensorBoard events are its only use here) prints start-up notices
+# to stderr as it loads: the oneDNN notice unless TF_ENABLE_ONEDNN_OPTS is set (oneDNN only speeds up TF's own
+# ops, which do no training math here), others below TF_CPP_MIN_LOG_LEVEL (2 keeps its errors). Set before
+# anything imports TensorFlow; a value already in the environment wins.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import logging as py_logging  # noqa: E402
+
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from maejax import cli, config_utils  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py[:variant]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events and figures go "
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, TensorBoard events, figures and main.log go "
                                "(default: ./workdir/<stage>).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
 _COORD = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -26,7 +41,7 @@ _PID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "
                             else None, "This process's id.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Simulate this many CPU devices (testing sharding).")
 
-STAGES = ("mae_pretrain", "distill", "au_finetune", "au_occl")
+STAGES = config_utils.STAGES
 
 
 def run(config, workdir: str):
@@ -57,28 +72,53 @@ def init_distributed():
   jax.distributed.initialize(**kw)
 
 
+def route_console_log() -> None:
+  """The console (absl's stderr handler) shows WARNING and above, or the level of ``--verbosity`` when given;
+  the loggers pass INFO on (for ``log_to_file``)."""
+  absl_level = flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else logging.WARNING
+  logging.set_verbosity(max(absl_level, logging.INFO))  # absl levels: WARNING -1 < INFO 0 < DEBUG 1
+  logging.get_absl_handler().setLevel(logging.converter.absl_to_standard(absl_level))
+
+
+def log_to_file(workdir: str, process_index: int) -> str:
+  """Adds ``WORKDIR/main.log`` (``main.process<N>.log`` on process N > 0), INFO and above in absl's format, to
+  the root logger; returns its path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "main.log" if process_index == 0 else f"main.process{process_index}.log")
+  handler = py_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  handler.setLevel(py_logging.INFO)
+  py_logging.getLogger().addHandler(handler)
+  return path
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise ValueError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+  config = _CONFIG.value
+  if config is None:
+    raise ValueError("--config is required, e.g. --config=configs/mae_pretrain.py")
+  config_utils.validate(config)
+  route_console_log()
   if _CPU_DEVICES.value:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_CPU_DEVICES.value}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/mae_pretrain.py")
   if _COORD.value or _DISTRIBUTED.value:
     init_distributed()
   import jax
-  workdir = _WORKDIR.value or os.path.join("workdir", config.stage)
-  logging.set_verbosity(logging.INFO)
-  print(f"maejax: stage {config.stage}, workdir {os.path.abspath(workdir)}, "
-        f"{jax.process_count()} process(es), devices {jax.devices()}", flush=True)
+
+  from maejax import checkpoints
   from maejax.trainers import common
-  try:
-    result = run(config, workdir)
-  except common.Preempted as e:  # a chained job stops at the preempted stage (exit 0, as a single stage does)
-    print(f"maejax: {e}", flush=True)
-    return 0
+  workdir = _WORKDIR.value or os.path.join("workdir", config.stage)
+  with checkpoints.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    log = log_to_file(workdir, jax.process_index())
+    print(f"maejax: stage {config.stage}, workdir {os.path.abspath(workdir)}, "
+          f"{jax.process_count()} process(es), devices {jax.devices()}; log {log}", flush=True)
+    try:
+      result = run(config, workdir)
+    except common.Preempted as e:  # a chained job stops at the preempted stage (exit 0, as a single stage does)
+      print(f"maejax: {e}", flush=True)
+      return 0
   if getattr(result, "losses", None) and jax.process_index() == 0:
     first, last = result.losses[0], result.losses[-1]
     print(f"maejax: {config.stage} done: loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} "
@@ -87,4 +127,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  cli.run(main, prog="maejax.main", config_flag="config")

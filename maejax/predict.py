@@ -267,13 +267,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from maejax import cli
   _define_flags()
-
-  def _main(argv):
-    try:
-      return main(argv)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line naming the path, no traceback
-      print(f"maejax.predict: error: {e}", file=sys.stderr, flush=True)
-      return 2
-  app.run(_main)
+  cli.run(main, prog="maejax.predict")

@@ -91,5 +91,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  from maejax import cli
   flags.mark_flags_as_required(["dataset", "manual_dir"])
-  app.run(main)
+  cli.run(main, prog="maejax.data.prepare")
