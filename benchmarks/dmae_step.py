@@ -21,8 +21,7 @@ from absl import app, flags, logging
 
 from maejax.data import pipeline
 from maejax.models.dmae import DMAEStudent, dmae_loss
-from maejax.models.mae import MAE
-from maejax.models.vit import vit_size
+from maejax.models.mae import MAE, MAEConfig
 from maejax.trainers.mae import mae_loss_fn
 
 FLAGS = flags.FLAGS
@@ -42,9 +41,10 @@ flags.DEFINE_bool("full", True, "also time the full teacher (all blocks + decode
 
 
 def mae(size: str) -> MAE:
-  return MAE(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, **vit_size(size),
-             decoder_width=FLAGS.decoder_width, decoder_depth=FLAGS.decoder_depth,
-             decoder_heads=FLAGS.decoder_heads, mask_ratio=FLAGS.mask_ratio, norm_pix_loss=True)
+  return MAEConfig.from_config(dict(
+      size=size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, decoder_width=FLAGS.decoder_width,
+      decoder_depth=FLAGS.decoder_depth, decoder_heads=FLAGS.decoder_heads, mask_ratio=FLAGS.mask_ratio,
+      norm_pix_loss=True)).build()
 
 
 def parse_pairs(text: str) -> tuple[tuple[int, int], ...]:

@@ -3,14 +3,14 @@ r"""MAE pretraining throughput and MFU on one accelerator: ViT-B/16 and ViT-L/16
   python benchmarks/gpu_mfu.py                    # ViT-B batch 256, ViT-L batch 128, 224 px (< 5 min on an H100)
   python benchmarks/gpu_mfu.py --models=L --batch_l=256 --remat
   python benchmarks/gpu_mfu.py --tiny             # CPU-sized check of the script (seconds)
-  python benchmarks/gpu_mfu.py --attention=xla,cudnn_pad --profile_steps=3 --check_attention
+  python benchmarks/gpu_mfu.py --attention=xla,cudnn --profile_steps=3 --check_attention
 
-``--attention`` takes a list: every (model, attention) pair is one case of the same interleaved table.
-``auto`` is maejax's default (``models.vit.attention``: XLA unless ``MAEJAX_ATTENTION=cudnn``);
-``xla``/``cudnn`` call ``jax.nn.dot_product_attention``
-with that implementation; ``cudnn_pad`` is ``models.vit.padded_attention`` (sequence zero-padded to a multiple of
-8, padded keys masked by length) because cuDNN's fused attention rejects the odd ViT lengths (50, 197) in
-training. ``--check_attention`` first compares each implementation's bf16 output and gradients with a float32
+``--attention`` takes a list of the model's attention implementations (``model.attention``, see
+``models.vit.attention``): every (model, attention) pair is one case of the same interleaved table. ``einsum`` is
+the explicit-softmax form (the CPU default), ``xla`` is ``jax.nn.dot_product_attention(implementation="xla")``,
+``cudnn`` is cuDNN's fused attention through ``models.vit.padded_attention`` (sequence zero-padded to a multiple
+of 8, padded keys masked by length, because cuDNN's fused attention rejects the odd ViT lengths 50 and 197 in
+training). ``--check_attention`` first compares each implementation's bf16 output and gradients with a float32
 XLA reference on the MAE encoder/decoder shapes. ``--profile_steps`` traces that many steps of every case with
 ``jax.profiler`` and prints where the device time goes (``common.profile_case``).
 
@@ -25,6 +25,7 @@ op, but fused attention kernels (custom calls, e.g. cuDNN) may be missing from i
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -34,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from maejax.models.mae import MAE, num_kept
-from maejax.models.vit import vit_size
+from maejax.models.mae import MAEConfig, num_kept
+from maejax.models.vit import ATTENTION_IMPLEMENTATIONS, attention, vit_size
 from maejax.trainers.mae import mae_loss_fn
 
 FLAGS = flags.FLAGS
@@ -50,8 +51,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "computation dty
 flags.DEFINE_bool("remat", False, "rematerialise blocks (less memory, ~1/3 more compute, not counted in MFU)")
 flags.DEFINE_integer("steps", 10, "timed steps per model (median reported)")
 flags.DEFINE_integer("warmup", 2, "untimed steps per model after compilation")
-ATTENTION_CHOICES = ("auto", "xla", "cudnn", "cudnn_pad")
-flags.DEFINE_list("attention", ["auto"], f"attention implementations to compare, from {ATTENTION_CHOICES}")
+flags.DEFINE_list("attention", ["xla"], f"attention implementations to compare, from {ATTENTION_IMPLEMENTATIONS}")
+ATTENTION_ALIASES = {"cudnn_pad": "cudnn"}  # the name used by the recorded commands of the READMEs
 flags.DEFINE_integer("profile_steps", 0, "trace this many steps of every case and print the device-time split")
 flags.DEFINE_string("profile_dir", "/tmp/maejax_profile", "where the traces go (one sub-folder per case)")
 flags.DEFINE_bool("check_attention", False, "compare attention implementations with a float32 reference first")
@@ -100,18 +101,6 @@ def mae_step_flops(size: str, img_size: int, patch_size: int, mask_ratio: float,
   return 3.0 * batch * (encoder + decoder)
 
 
-def attention_fn(name: str):
-  """The attention function a case patches into ``models.vit`` (see the module docstring)."""
-  import maejax.models.vit as vit_module
-  if name not in ATTENTION_CHOICES:
-    raise ValueError(f"unknown --attention {name!r}; expected one of {ATTENTION_CHOICES}")
-  if name == "auto":
-    return vit_module.attention
-  if name == "cudnn_pad":
-    return vit_module.padded_attention
-  return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=name)
-
-
 def check_attention(names, shapes, dtype) -> None:
   """Relative error ‖out − ref‖/‖ref‖ of each implementation's output and q/k/v gradients vs float32 XLA."""
   ref_fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
@@ -127,7 +116,7 @@ def check_attention(names, shapes, dtype) -> None:
     ref = jax.jit(lambda: value_and_grads(ref_fn, jnp.float32))()
     for name in names:
       try:
-        got = jax.jit(lambda n=name: value_and_grads(attention_fn(n), dtype))()
+        got = jax.jit(lambda n=name: value_and_grads(functools.partial(attention, implementation=n), dtype))()
         errs = [float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r)) for a, r in zip(got, ref, strict=True)]
         finite = all(bool(jnp.isfinite(a).all()) for a in got)
         rows.append([f"{b}x{t}x{h}x{d}", name, *(f"{e:.2e}" for e in errs), str(finite)])
@@ -148,22 +137,24 @@ def main(argv):
     sizes, img, patch, dec = FLAGS.models, FLAGS.img_size, FLAGS.patch_size, (512, 8, 16)
     batches = {s: FLAGS.batch or {"B": FLAGS.batch_b, "L": FLAGS.batch_l}.get(s, FLAGS.batch_b) for s in sizes}
   dtype = jnp.dtype(FLAGS.dtype)
-  import maejax.models.vit as vit_module
-  default_attention = vit_module.attention
+  attentions = [ATTENTION_ALIASES.get(a, a) for a in FLAGS.attention]
+  for name in attentions:
+    if name not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"unknown --attention {name!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
   if FLAGS.check_attention:
     seq = (img // patch) ** 2
     shapes = [(8, 1 + num_kept(seq, FLAGS.mask_ratio), 12, 64), (8, 1 + seq, 16, 32)]
-    check_attention(FLAGS.attention, shapes, dtype)
+    check_attention(attentions, shapes, dtype)
   kind = jax.devices()[0].device_kind
   peak = peak_flops(kind)
   cases, model_flops = [], {}
   dummy = jnp.zeros((1, img, img, 3), jnp.float32)
   failed = []
-  for size, attn in itertools.product(sizes, FLAGS.attention):
-    vit_module.attention = attention_fn(attn)
-    model = MAE(img_size=img, patch_size=patch, **vit_size(size), decoder_width=dec[0], decoder_depth=dec[1],
-                decoder_heads=dec[2], mask_ratio=FLAGS.mask_ratio, norm_pix_loss=True, dtype=dtype,
-                remat=FLAGS.remat)
+  for size, attn in itertools.product(sizes, attentions):
+    model = MAEConfig.from_config(dict(
+        size=size, img_size=img, patch_size=patch, decoder_width=dec[0], decoder_depth=dec[1],
+        decoder_heads=dec[2], mask_ratio=FLAGS.mask_ratio, norm_pix_loss=True, dtype=FLAGS.dtype,
+        remat=FLAGS.remat, attention=attn)).build()
     b = batches[size]
     images = np.random.default_rng(0).integers(0, 256, (b, img, img, 3), dtype=np.uint8)
     name = f"ViT-{size}/{patch} MAE, batch {b}, attention {attn}"
@@ -174,8 +165,6 @@ def main(argv):
       failed.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
       print(f"FAILED to build {failed[-1]}", flush=True)
       continue
-    finally:
-      vit_module.attention = default_attention
     print(f"compiled {case.name} in {case.compile_s:.1f}s", flush=True)
     model_flops[case.name] = mae_step_flops(size, img, patch, FLAGS.mask_ratio, dec[0], dec[1], b)
     cases.append(case)
@@ -184,7 +173,7 @@ def main(argv):
   print()
   print(bc.machine_info([f"peak dense bf16: {peak / 1e12:.0f} TFLOP/s" if peak else
                          f"peak dense bf16: N/A (unknown device kind {kind!r})"]))
-  print(f"attention: {FLAGS.attention}; config: {img}px patch {patch} mask {FLAGS.mask_ratio}, decoder "
+  print(f"attention: {attentions}; config: {img}px patch {patch} mask {FLAGS.mask_ratio}, decoder "
         f"{dec[1]}x{dec[0]}, compute "
         f"{FLAGS.dtype}, params float32, remat {FLAGS.remat}, AdamW; {FLAGS.steps} timed steps after "
         f"{FLAGS.warmup} warm-up, interleaved")

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from maejax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from maejax.models.mae import MAE, count_params
+from maejax.models.mae import MAE, MAEConfig, count_params
 from maejax.models.vit import vit_size
 from maejax.trainers.mae import mae_loss_fn
 
@@ -47,9 +47,10 @@ flags.DEFINE_string("profile_dir", "/tmp/maejax_profile", "where the traces go (
 
 
 def maejax_model(**kw) -> MAE:
-  return MAE(img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, **vit_size(FLAGS.size),
-             decoder_width=FLAGS.decoder_width, decoder_depth=FLAGS.decoder_depth,
-             decoder_heads=FLAGS.decoder_heads, mask_ratio=FLAGS.mask_ratio, norm_pix_loss=True, **kw)
+  return MAEConfig.from_config(dict(
+      size=FLAGS.size, img_size=FLAGS.img_size, patch_size=FLAGS.patch_size, decoder_width=FLAGS.decoder_width,
+      decoder_depth=FLAGS.decoder_depth, decoder_heads=FLAGS.decoder_heads, mask_ratio=FLAGS.mask_ratio,
+      norm_pix_loss=True)).build(**kw)
 
 
 def maejax_case(name: str, model: MAE, images: np.ndarray) -> bc.Case:

@@ -30,7 +30,9 @@ Every missing, unexpected or mis-shaped key is reported in one ``ValueError``; n
 Saved layout (an Orbax composite checkpoint directory)::
 
     DST/params   StandardSave of the params pytree ({'encoder': ..., ['decoder': ...]})
-    DST/config   JsonSave of the MAE constructor arguments (img_size, patch_size, width, ..., decoder_*)
+    DST/config   JsonSave of MAEConfig fields (img_size, patch_size, in_chans, width, ..., decoder_*);
+                 decoder_* are None for an encoder-only source, norm_pix_loss / mask_ratio unless a HF config
+                 gives them (None: the MAEConfig default)
 
 CLI::
 
@@ -48,14 +50,12 @@ from typing import Any
 
 import numpy as np
 
+from maejax.models.mae import MAE, MAEConfig
 from maejax.models.vit import VIT_SIZES, sincos_pos_embed_2d
 
 FORMATS = ("official", "hf_v4", "hf_v5")
 POS_EMBED_ATOL = 1e-5
 OFFICIAL_DECODER_HEADS = {512: 16}  # the official MAE decoder (all sizes): 512-d, 8 blocks, 16 heads
-# MAE constructor arguments stored in the config; decoder_* are None for encoder-only sources.
-CONFIG_KEYS = ("img_size", "patch_size", "in_chans", "width", "depth", "num_heads", "mlp_ratio",
-               "decoder_width", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_ratio")
 
 Params = dict[str, Any]
 
@@ -227,9 +227,9 @@ def _heads_for(width: int, given: int | None, what: str, table: Mapping[int, int
 
 def infer_config(sd: Mapping[str, Any], fmt: str, prefix: str = "", *, num_heads: int | None = None,
                  decoder_heads: int | None = None, hf_config: Mapping[str, Any] | None = None) -> dict:
-  """MAE constructor arguments from the shapes of ``sd`` (heads from the arguments / ``hf_config`` / table).
+  """:class:`MAEConfig` fields from the shapes of ``sd`` (heads from the arguments / ``hf_config`` / table).
 
-  ``decoder_*`` are None when the source has no decoder.
+  ``decoder_*`` are None when the source has no decoder (None: the MAEConfig default).
   """
   n = _names(fmt, prefix)
   hf_config = dict(hf_config or {})
@@ -373,7 +373,7 @@ def convert_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
 
   Returns ``(params, config, info)``: ``params`` = ``{'encoder': ...}`` or
   ``{'encoder': ..., 'decoder': ...}`` of float32 numpy arrays (the ``params`` collection of
-  :class:`~maejax.models.mae.MAE`); ``config`` = MAE constructor arguments (see :data:`CONFIG_KEYS`);
+  :class:`~maejax.models.mae.MAE`); ``config`` = :class:`MAEConfig` fields (see :func:`infer_config`);
   ``info`` = ``{'format', 'has_decoder', 'num_params', 'pos_embed_max_abs_diff', 'heads_from'}``.
 
   Raises ``ValueError`` listing every missing / unexpected / mis-shaped key, or when a position table differs
@@ -430,22 +430,18 @@ def convert_state_dict(sd: Mapping[str, Any], *, num_heads: int | None = None,
 
 def save_converted(dst: str | os.PathLike, params: Params, config: Mapping[str, Any], *,
                    overwrite: bool = False) -> str:
-  """Validates the config keys, then writes the converted checkpoint (:func:`maejax.checkpoints.save_converted`)."""
+  """Validates the config (:meth:`MAEConfig.from_json`), then writes the converted checkpoint
+  (:func:`maejax.checkpoints.save_converted`)."""
   from maejax import checkpoints
 
-  unknown = set(config) - set(CONFIG_KEYS)
-  if unknown:
-    raise ValueError(f"unknown config keys {sorted(unknown)}; expected a subset of {CONFIG_KEYS}")
+  MAEConfig.from_json(config)
   return checkpoints.save_converted(dst, params, config, overwrite=overwrite)
 
 
-def build_model(config: Mapping[str, Any], **overrides):
-  """The :class:`~maejax.models.mae.MAE` matching a converted ``config`` (None entries keep MAE defaults,
-  e.g. the official 512-d decoder for an encoder-only source). ``overrides`` win over ``config``."""
-  from maejax.models.mae import MAE
-
-  kw = {k: v for k, v in {**dict(config), **overrides}.items() if v is not None}
-  return MAE(**kw)
+def build_model(config: Mapping[str, Any], **overrides) -> MAE:
+  """The MAE of a converted ``config`` (:meth:`MAEConfig.from_json`: None entries take the defaults, e.g. the
+  official 512-d decoder for an encoder-only source), with ``overrides`` (MAEConfig fields)."""
+  return MAEConfig.from_json(config).build(**overrides)
 
 
 def convert(src: str | os.PathLike | Mapping[str, Any], dst: str | os.PathLike | None = None, *,

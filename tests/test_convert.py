@@ -178,3 +178,28 @@ def test_standard_sizes_infer_heads():
   assert got == (224, 16, 768, 12, 12)
   assert (config["decoder_width"], config["decoder_depth"], config["decoder_heads"]) == (512, 8, 16)
   assert DEPTH == 3  # the tiny config used above is not a standard size
+
+
+def test_bf16_distill_config_builds_a_bf16_teacher(sd, tmp_path):
+  """The teacher computes in the distill config's model dtype and attention (a converted checkpoint records
+  neither; a float32 teacher under a bf16 student would double the teacher's cost)."""
+  import jax.numpy as jnp
+
+  from maejax.config_utils import load_config
+  from maejax.models.dmae import teacher_features
+  from maejax.models.mae import MAEConfig
+  from maejax.trainers import distill
+
+  params, config, _ = convert.convert_state_dict(sd, num_heads=HEADS, decoder_heads=DEC_HEADS)
+  convert.save_converted(tmp_path / "teacher", params, config)
+  cfg = load_config(os.path.join(REPO, "configs", "distill.py:smoke"))
+  cfg.model.dtype = "bfloat16"
+  cfg.model.attention = "xla"
+  teacher, teacher_params, saved = distill.load_teacher(str(tmp_path / "teacher"), MAEConfig.from_config(cfg.model))
+  assert teacher.dtype == jnp.bfloat16 and teacher.attention == "xla"
+  assert saved.dtype == "float32" and teacher.width == WIDTH and teacher.depth == DEPTH
+  _, _, imgs, noise = inputs()
+  mask_out = teacher.apply({"params": teacher_params}, imgs, noise)
+  feats = teacher_features(teacher, teacher_params, imgs, mask_out.ids_keep, mask_out.mask, mask_out.ids_restore,
+                           [DEPTH - 1])
+  assert feats.features[0].dtype == jnp.bfloat16

@@ -1,5 +1,7 @@
 """ViT / MAE / DMAE core against independent references (formulas evaluated separately in NumPy)."""
 
+import dataclasses
+import json
 import math
 
 import flax.linen as nn
@@ -10,8 +12,16 @@ import pytest
 
 from maejax import losses
 from maejax.models.dmae import DMAEStudent, ProjectionHead, dmae_loss, teacher_features
-from maejax.models.mae import MAE, mae_from_size, random_masking
-from maejax.models.vit import ViT, patchify, sincos_pos_embed_2d, unpatchify, vit_size
+from maejax.models.mae import MAE, MAEConfig, random_masking
+from maejax.models.vit import (
+  ATTENTION_IMPLEMENTATIONS,
+  ViT,
+  attention,
+  patchify,
+  sincos_pos_embed_2d,
+  unpatchify,
+  vit_size,
+)
 
 TINY = dict(img_size=32, patch_size=8, width=64, depth=4, num_heads=2, decoder_width=32, decoder_depth=2,
             decoder_heads=2)
@@ -142,7 +152,7 @@ def test_mae_jit_grad_and_size_table():
   assert vit_size("L") == {"width": 1024, "depth": 24, "num_heads": 16}
   assert vit_size("H") == {"width": 1280, "depth": 32, "num_heads": 16}
   with pytest.raises(ValueError, match="unknown ViT size 'XL'"):
-    mae_from_size("XL")
+    MAEConfig.from_config({"size": "XL"})
 
 
 def test_vit_b_param_count_matches_official():
@@ -168,9 +178,9 @@ def test_qkv_init_bounds_match_fused_linear():
 @pytest.mark.parametrize("d, heads", [(64, 2), (768, 12)])
 def test_init_bounds_of_the_other_linears_are_xavier(d, heads):
   """Official MAE: xavier-uniform U(±sqrt(6 / (fan_in + fan_out))) for every Linear. The attention output
-  kernel is stored (H, Dh, D) but is the Linear(D, D) ``attn.proj``: its bound is sqrt(6 / 2D). (Before
-  ``vit.Projection`` it was sqrt(2)× too wide: flax's DenseGeneral hands the initializer the flattened (D, D)
-  shape, on which the (0, 1)-in-axes variance scaling counted fan_out as 1.)"""
+  kernel is stored (H, Dh, D) but is the Linear(D, D) ``attn.proj``: its bound is sqrt(6 / 2D), which needs the
+  initializer to see the (H, Dh, D) shape (on a flattened (D, D) one its (0, 1) in-axes would count fan_out as
+  1)."""
   params = init(ViT(img_size=32, patch_size=8, width=d, depth=1, num_heads=heads), images())["params"]
   blk = params["blocks_0"]
   for kernel, fan_in, fan_out in [(blk["attn"]["out"]["kernel"], d, d), (blk["mlp"]["fc1"]["kernel"], d, 4 * d),
@@ -263,23 +273,128 @@ def test_dmae_truncated_teacher_equals_full_teacher_and_gradients():
   np.testing.assert_allclose(float(total), float(aux["pixel_loss"] + aux["distill_loss"]), rtol=1e-6)
 
 
-def test_attention_matches_reference_softmax():
-  from maejax.models.vit import attention
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 3, 8)) for i in range(3))
-  ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  qn, kn, vn = map(np.asarray, (q, k, v))
-  logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8)
+def reference_attention(q, k, v):
+  """softmax(q·kᵀ / sqrt(Dh)) v in float64 NumPy, ``(B, T, H, Dh)`` inputs."""
+  qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(qn.shape[-1])
   w = np.exp(logits - logits.max(-1, keepdims=True))
   w /= w.sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(attention(q, k, v)), np.einsum("bhqk,bkhd->bqhd", w, vn), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(ref), np.einsum("bhqk,bkhd->bqhd", w, vn), atol=1e-5)
+  return np.einsum("bhqk,bkhd->bqhd", w, vn)
+
+
+# cuDNN's kernel needs a GPU; on CPU "cudnn" runs float32 inputs through XLA, which is checked here too.
+@pytest.mark.parametrize("implementation", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize("t", [7, 50])
+def test_attention_implementations_match_float64_reference(implementation, t):
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, t, 3, 16)) for i in range(3))
+  out = jax.jit(attention, static_argnums=3)(q, k, v, implementation)
+  assert out.dtype == jnp.float32 and out.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out), reference_attention(q, k, v), rtol=0, atol=2e-6)
+
+
+def _attention_before_the_field(q, k, v):
+  """What ``vit.attention`` computed on XLA:CPU before the implementation became a module field (copied)."""
+  from maejax.models.vit import softmax
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+  weights = softmax(logits.astype(jnp.float32)).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_default_attention_is_the_cpu_path_bit_for_bit(dtype):
+  """The default of every module (``"einsum"``) computes exactly what ran on CPU before, values and gradients."""
+  assert ViT.attention == MAE.attention == MAEConfig.attention == "einsum"
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 17, 4, 16)).astype(dtype) for i in range(3))
+  loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32))), (0, 1, 2)))
+  new, old = loss(attention)(q, k, v), loss(_attention_before_the_field)(q, k, v)
+  for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+def test_attention_field_reaches_every_block():
+  """MAE(attention="xla") runs XLA's attention in encoder and decoder: same loss as "einsum" up to rounding, and
+  an unknown name is an error naming the choices (from the module and from the config)."""
+  x = images()
+  noise = jax.random.uniform(jax.random.key(7), (2, 16))
+  params = init(MAE(**TINY), x)
+  losses_ = {a: float(MAE(**TINY, attention=a).apply(params, x, noise).loss) for a in ("einsum", "xla")}
+  np.testing.assert_allclose(losses_["xla"], losses_["einsum"], rtol=1e-5)
+  with pytest.raises(ValueError, match=r"unknown attention implementation 'flash'; expected one of \('einsum'"):
+    MAE(**TINY, attention="flash").apply(params, x, noise)
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    MAEConfig(attention="flash")
+
+
+# ------------------------------------------------------------------------------------------- MAEConfig
+
+
+def test_mae_config_fields_are_the_mae_fields():
+  mae_fields = {f.name for f in dataclasses.fields(MAE)} - {"parent", "name"}
+  assert set(MAEConfig.fields()) == mae_fields
+  defaults = MAEConfig().build()
+  for f in MAEConfig.fields():
+    want = getattr(MAE, f)
+    got = getattr(defaults, f)
+    assert (jnp.dtype(got) == jnp.dtype(want)) if f == "dtype" else got == want, f
+
+
+def test_mae_config_json_round_trip_and_build():
+  cfg = MAEConfig(**TINY, dtype=jnp.bfloat16, mask_ratio=0.9, remat=True, attention="xla")
+  saved = json.loads(json.dumps(cfg.to_json()))
+  assert saved["dtype"] == "bfloat16" and set(saved) == set(MAEConfig.fields())
+  assert MAEConfig.from_json(saved) == cfg
+  model = cfg.build(mask_ratio=0.5)
+  assert isinstance(model, MAE) and model.dtype == jnp.bfloat16 and model.mask_ratio == 0.5
+  assert model.attention == "xla" and model.remat and model.width == 64
+  with pytest.raises(ValueError, match=r"unknown MAE model config keys \['heads'\]"):
+    cfg.build(heads=3)
+
+
+def test_mae_config_from_json_is_strict():
+  with pytest.raises(ValueError) as e:
+    MAEConfig.from_json({"width": 64, "widht": 64, "decoder_layers": 2})
+  msg = str(e.value)
+  assert "unknown MAE model config keys ['decoder_layers', 'widht']" in msg
+  for name in MAEConfig.fields():
+    assert repr(name) in msg
+
+
+def test_mae_config_reads_older_checkpoint_configs():
+  """The configs that existing checkpoints hold: a training workdir's (the 12 keys saved before MAEConfig) and
+  a converted one's (``maejax.convert``: in_chans, None for an absent decoder and unknown loss settings)."""
+  workdir = {"img_size": 32, "patch_size": 8, "width": 64, "depth": 4, "num_heads": 2, "mlp_ratio": 4.0,
+             "decoder_width": 32, "decoder_depth": 2, "decoder_heads": 2, "norm_pix_loss": False,
+             "mask_ratio": 0.6, "drop_path": 0.1}
+  cfg = MAEConfig.from_json(workdir)
+  assert {k: getattr(cfg, k) for k in workdir} == workdir
+  assert (cfg.dtype, cfg.attention, cfg.in_chans, cfg.remat) == ("float32", "einsum", 3, False)
+  converted = {"img_size": 224, "patch_size": 16, "in_chans": 3, "width": 768, "depth": 12, "num_heads": 12,
+               "mlp_ratio": 4.0, "decoder_width": None, "decoder_depth": None, "decoder_heads": None,
+               "norm_pix_loss": None, "mask_ratio": None}
+  cfg = MAEConfig.from_json(converted)
+  assert (cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads) == (512, 8, 16)  # the official decoder
+  assert cfg.norm_pix_loss is True and cfg.mask_ratio == 0.75
+
+
+def test_mae_config_from_config_size_fill():
+  import ml_collections
+  m = ml_collections.ConfigDict({"size": "L", "img_size": 224, "patch_size": 16, "width": None, "depth": None,
+                                 "num_heads": None, "dtype": "bfloat16", "attention": "einsum"})
+  cfg = MAEConfig.from_config(m)
+  assert (cfg.width, cfg.depth, cfg.num_heads) == (1024, 24, 16) and cfg.dtype == "bfloat16"
+  # An explicit value wins over the size; no size at all keeps the given fields.
+  assert MAEConfig.from_config({"size": "B", "depth": 6}).depth == 6
+  assert MAEConfig.from_config({"size": "", "width": 64, "num_heads": 2}).width == 64
+  with pytest.raises(ValueError, match=r"unknown config.model keys \['heads'\]"):
+    MAEConfig.from_config({"size": "B", "heads": 3})
 
 
 @pytest.mark.parametrize("t", [7, 197])
 def test_padded_attention_matches_unpadded_forward_and_gradients(t):
   """The cuDNN-oriented padding (zero rows + key lengths, padded queries sliced off) changes neither the output
   nor any gradient: checked through the XLA implementation against a float64 numpy softmax and its autodiff."""
-  from maejax.models.vit import attention, padded_attention
+  from maejax.models.vit import padded_attention
   q, k, v = (jax.random.normal(jax.random.key(i), (2, t, 3, 8)) for i in range(3))
   qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
   logits = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(8)

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from maejax import convert  # noqa: E402
-from maejax.models.mae import MAE  # noqa: E402
+from maejax.models.mae import MAE, MAEConfig  # noqa: E402
 
 IMG, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 64, 3, 4
 DEC_WIDTH, DEC_DEPTH, DEC_HEADS = 32, 2, 4
@@ -208,7 +208,7 @@ def inputs(seed: int = 1):
 
 
 def maejax_model(config: dict, norm_pix: bool) -> MAE:
-  return convert.build_model(config, norm_pix_loss=norm_pix, mask_ratio=MASK_RATIO)
+  return MAEConfig.from_json(config).build(norm_pix_loss=norm_pix, mask_ratio=MASK_RATIO)
 
 
 def _rel(a: float, b: float) -> float:

@@ -8,6 +8,7 @@ the per-patch MSE on masked patches only, against norm-pix targets.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ from maejax.models.vit import (
   EncoderOutput,
   ViT,
   _p,
+  check_attention,
   gather_tokens,
   layer_norm,
   patchify,
@@ -91,6 +93,7 @@ class Decoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "einsum"  # see :func:`maejax.models.vit.attention`
 
   @nn.compact
   def __call__(self, latent: Array, ids_restore: Array) -> Array:
@@ -110,7 +113,8 @@ class Decoder(nn.Module):
     x = x + jnp.asarray(sincos_pos_embed_2d(self.width, grid, cls_token=True), x.dtype)[None]
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, 0.0, self.dtype, name=f"decoder_blocks_{i}")(x, True)
+      x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention=self.attention,
+                    name=f"decoder_blocks_{i}")(x, True)
     x = layer_norm("decoder_norm", self.dtype)(x)
     x = nn.Dense(self.patch_dim, dtype=self.dtype, name="decoder_pred",
                  kernel_init=_p(xavier_uniform, "decoder_embed", "patch"),
@@ -122,7 +126,7 @@ class MAE(nn.Module):
   """ViT-MAE. Parameters: ``encoder`` (a :class:`ViT`) and ``decoder`` (a :class:`Decoder`).
 
   ``mask_token_in_encoder=True`` gives the paper's no-skipping baseline (mask tokens go through the encoder):
-  same loss definition, used to measure what skipping them saves.
+  same loss definition. The fields are documented on :class:`MAEConfig`, which builds this module.
   """
 
   img_size: int = 224
@@ -141,13 +145,16 @@ class MAE(nn.Module):
   mask_token_in_encoder: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "einsum"
 
   def setup(self):
     check_mask_ratio(self.mask_ratio)
-    self.encoder = ViT(self.img_size, self.patch_size, self.in_chans, self.width, self.depth, self.num_heads,
-                       self.mlp_ratio, self.drop_path, self.dtype, self.remat)
-    self.decoder = Decoder(self.num_patches, self.patch_size**2 * self.in_chans, self.decoder_width,
-                           self.decoder_depth, self.decoder_heads, self.mlp_ratio, self.dtype, self.remat)
+    self.encoder = ViT(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                       width=self.width, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                       drop_path=self.drop_path, dtype=self.dtype, remat=self.remat, attention=self.attention)
+    self.decoder = Decoder(num_patches=self.num_patches, patch_dim=self.patch_size**2 * self.in_chans,
+                           width=self.decoder_width, depth=self.decoder_depth, num_heads=self.decoder_heads,
+                           mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, attention=self.attention)
     if self.mask_token_in_encoder:
       self.encoder_mask_token = self.param(
           "encoder_mask_token", _p(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.width))
@@ -205,9 +212,73 @@ class MAE(nn.Module):
     return unpatchify(pred, self.patch_size, self.in_chans)
 
 
-def mae_from_size(size: str, *, patch_size: int = 16, img_size: int = 224, **kw) -> MAE:
-  """``mae_from_size("B")`` → ViT-B/16 MAE with the official 512-d, 8-block, 16-head decoder."""
-  return MAE(img_size=img_size, patch_size=patch_size, **vit_size(size), **kw)
+@dataclasses.dataclass(frozen=True)
+class MAEConfig:
+  """The MAE hyper-parameters: built from ``config.model``, saved with every checkpoint, read back from it.
+
+  ``to_json`` is what a checkpoint stores; ``from_json`` reads it back (and the configs of older checkpoints
+  and of ``maejax.convert``, which hold a subset of these fields; None means the default).
+  """
+
+  img_size: int = 224  # image side in pixels (square images)
+  patch_size: int = 16  # patch side p; the encoder sees (img_size / p)² patches
+  in_chans: int = 3  # image channels C
+  width: int = 768  # encoder width D (ViT-B)
+  depth: int = 12  # encoder blocks
+  num_heads: int = 12  # encoder attention heads
+  mlp_ratio: float = 4.0  # MLP hidden width / block width, encoder and decoder
+  decoder_width: int = 512  # the official decoder for every encoder size: 512-d, 8 blocks, 16 heads
+  decoder_depth: int = 8
+  decoder_heads: int = 16
+  norm_pix_loss: bool = True  # targets are per-patch normalised pixels (unbiased variance)
+  mask_ratio: float = 0.75  # fraction r of patches removed; the encoder sees int(L·(1 − r))
+  drop_path: float = 0.0  # encoder stochastic depth, rising linearly to this rate at the last block
+  mask_token_in_encoder: bool = False  # the paper's no-skipping baseline: mask tokens go through the encoder
+  dtype: str = "float32"  # compute dtype ("bfloat16": bf16 compute); params are float32 either way
+  remat: bool = False  # rematerialise every block in the backward pass (less memory, more compute)
+  attention: str = "einsum"  # softmax(q·kᵀ/√Dh)·v implementation: "einsum" | "xla" | "cudnn" (vit.attention)
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+    check_attention(self.attention)
+
+  @classmethod
+  def fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+  @classmethod
+  def _check_keys(cls, keys, where: str, extra: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(keys) - set(cls.fields()) - set(extra))
+    if unknown:
+      raise ValueError(f"unknown {where} keys {unknown}; expected a subset of {sorted(cls.fields() + extra)}")
+
+  @classmethod
+  def from_json(cls, saved: Mapping[str, Any]) -> MAEConfig:
+    """From a saved model config (``to_json`` output, or a subset of it); None entries take the default."""
+    cls._check_keys(saved, "MAE model config")
+    return cls(**{k: v for k, v in saved.items() if v is not None})
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> MAEConfig:
+    """From ``config.model``: these fields plus ``size`` (``"B"``, ``"L"``, ``"H"``, … of :func:`vit_size`),
+    which fills width / depth / num_heads that are None or absent."""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    cls._check_keys(cfg, "config.model", extra=("size",))
+    size = cfg.pop("size", None)
+    given = {k: v for k, v in cfg.items() if v is not None}
+    return cls(**{**(vit_size(size) if size else {}), **given})
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> MAEConfig:
+    self._check_keys(changes, "MAE model config")
+    return dataclasses.replace(self, **changes)
+
+  def build(self, **overrides) -> MAE:
+    """The :class:`MAE` of this config, with ``overrides`` (fields of this class; None ones are ignored)."""
+    cfg = self.replace(**{k: v for k, v in overrides.items() if v is not None})
+    return MAE(**{**cfg.to_json(), "dtype": jnp.dtype(cfg.dtype)})
 
 
 def count_params(params) -> int:

@@ -17,7 +17,6 @@ training system can shard by rules.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,28 +127,32 @@ def _p(init, *axes):
 # Blocks.
 
 
-def attention(q: Array, k: Array, v: Array) -> Array:
-  """``softmax(q·kᵀ / sqrt(Dh)) v`` for ``(B, T, H, Dh)`` inputs.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
 
-  * GPU/TPU: ``jax.nn.dot_product_attention`` (XLA).
-  * GPU, bf16/fp16, opt-in with ``MAEJAX_ATTENTION=cudnn``: cuDNN's fused (flash) attention through
-    :func:`padded_attention`. On an H100 the ViT-B MAE step (batch 256, bf16) ran 1.52× faster than with XLA's
-    attention (100.0 → 65.8 ms, ``benchmarks/gpu_mfu.py``, with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false``).
-    Not the default: with XLA's default flags (Triton GEMMs on) two processes using it stalled, unexplained
-    (benchmarks/README.md).
-  * XLA:CPU: explicit einsums around :func:`softmax`, measured ~1.5x faster forward+backward there for
-    ViT-sized heads (benchmarks/README.md).
+
+def check_attention(name: str) -> None:
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {name!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+def attention(q: Array, k: Array, v: Array, implementation: str = "einsum") -> Array:
+  """``softmax(q·kᵀ / sqrt(Dh)) v`` for ``(B, T, H, Dh)`` inputs; every implementation computes this function.
+
+  * ``"einsum"``: explicit einsums around :func:`softmax`, logits and weights in float32 (the fastest on
+    XLA:CPU; runs on every backend).
+  * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` (GPU/TPU).
+  * ``"cudnn"``: cuDNN's fused (flash) attention through :func:`padded_attention` (GPU only). cuDNN's kernel
+    takes bf16/fp16 inputs only; float32 inputs go through ``"xla"``.
   """
-  backend = jax.default_backend()
-  use_cudnn = os.environ.get("MAEJAX_ATTENTION", "") == "cudnn"
-  if use_cudnn and backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+  if implementation == "einsum":
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    weights = softmax(logits.astype(jnp.float32)).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  if implementation == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
     return padded_attention(q, k, v)
-  if backend != "cpu":
-    return jax.nn.dot_product_attention(q, k, v)
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-  weights = softmax(logits.astype(jnp.float32)).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  check_attention(implementation)
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 @jax.custom_vjp
@@ -157,8 +160,7 @@ def softmax(x: Array) -> Array:
   """``softmax(x)`` over the last axis: ``y = e / Σe`` with ``e = exp(x − max x)``.
 
   Same function as ``jax.nn.softmax``, with the backward pass written out, ``dx = y ⊙ (dy − Σ(dy ⊙ y))``, and
-  the normalisation as a product with the reciprocal of the row sums. On XLA:CPU this made the ViT-B MAE train
-  step ~3 % faster than ``jax.nn.softmax`` (benchmarks/README.md).
+  the normalisation as a product with the reciprocal of the row sums.
   """
   e = jnp.exp(x - x.max(-1, keepdims=True))  # never differentiated: the VJP below replaces autodiff
   return e * (1.0 / e.sum(-1, keepdims=True))
@@ -201,8 +203,7 @@ class Projection(nn.Module):
   ``(D, H, Dh)`` q/k/v kernels, the ``(H, Dh, D)`` output kernel) but is applied as one 2-D matmul.
 
   Same result as ``nn.DenseGeneral`` with the same parameters. The 2-D form is torch's ``Linear`` and XLA's
-  canonical dot: with the multi-axis ``dot_general``, XLA:CPU produced the kernel's gradient transposed and
-  every AdamW pass over those kernels had to transpose it back (benchmarks/README.md).
+  canonical dot, so the kernel's gradient comes out in the kernel's own layout.
 
   ``kernel_init`` gets the kernel's real multi-axis shape (DenseGeneral passes the flattened 2-D one), so
   initializers that name axes (``variance_scaling(in_axis=(0, 1))`` of the output kernel) see the fans they
@@ -231,6 +232,7 @@ class Attention(nn.Module):
 
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "einsum"  # implementation of softmax(q·kᵀ/√Dh)·v, see :func:`attention`
 
   @nn.compact
   def __call__(self, x: Array) -> Array:  # x: (B, T, D)
@@ -243,7 +245,7 @@ class Attention(nn.Module):
         kernel_init=_p(fused_qkv_init(width), "embed", "heads", "kv"),
         bias_init=_p(nn.initializers.zeros, "heads", "kv"))
     q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, T, H, Dh)
-    out = attention(q, k, v)
+    out = attention(q, k, v, self.attention)
     return Projection(
         (width,), in_axes=2, dtype=self.dtype, name="out",
         kernel_init=_p(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1),
@@ -254,9 +256,8 @@ class Attention(nn.Module):
 def gelu(x: Array) -> Array:
   """Exact GELU, ``x·Φ(x) = ½·x·(1 + erf(x/√2))``, written as torch.nn.GELU() computes it.
 
-  Same function as ``jax.nn.gelu(x, approximate=False)`` (which uses ``erfc``; the two differ by float32
-  rounding), but XLA:CPU differentiates ``erfc`` slowly: the ViT-B MAE train step ran ~3 % faster with ``erf``
-  (benchmarks/README.md).
+  Same function as ``jax.nn.gelu(x, approximate=False)``, which uses ``erfc``; the two differ by float32
+  rounding.
   """
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(0.5**0.5, x.dtype)))
 
@@ -303,11 +304,13 @@ class Block(nn.Module):
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "einsum"  # see :func:`attention`
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     width = x.shape[-1]
-    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x))
+    y = Attention(self.num_heads, dtype=self.dtype, attention=self.attention, name="attn")(
+        layer_norm("norm1", self.dtype)(x))
     x = x + DropPath(self.drop_path, name="drop_path1")(y, deterministic)
     y = Mlp(int(width * self.mlp_ratio), dtype=self.dtype, name="mlp")(layer_norm("norm2", self.dtype)(x))
     return x + DropPath(self.drop_path, name="drop_path2")(y, deterministic)
@@ -342,6 +345,7 @@ class ViT(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "einsum"  # see :func:`attention`
 
   @property
   def grid_size(self) -> int:
@@ -368,8 +372,8 @@ class ViT(nn.Module):
                                 (1, 1, self.width))
     block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
     dpr = np.linspace(0, self.drop_path, self.depth)  # stochastic depth rule of the official code
-    self.blocks = [block_cls(self.num_heads, self.mlp_ratio, float(dpr[i]), self.dtype)
-                   for i in range(self.depth)]
+    self.blocks = [block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=float(dpr[i]),
+                             dtype=self.dtype, attention=self.attention) for i in range(self.depth)]
     self.norm = layer_norm(None, self.dtype)
 
   def embed_patches(self, images: Array) -> Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -13,31 +14,17 @@ from absl import logging
 
 from maejax import sharding, viz
 from maejax.data import pipeline
-from maejax.models.mae import MAE
-from maejax.models.vit import patchify, unpatchify, vit_size
+from maejax.models.mae import MAE, MAEConfig
+from maejax.models.vit import patchify, unpatchify
 from maejax.trainers import common
 
-MODEL_KEYS = ("img_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "decoder_width",
-              "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_ratio", "drop_path")
 
-
-def model_config(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """JSON-able MAE hyper-parameters from ``config.model`` (``size`` fills width/depth/heads)."""
-  out = {k: cfg[k] for k in MODEL_KEYS if k in cfg and cfg[k] is not None}
-  if cfg.get("size"):
-    out = {**vit_size(cfg.size), **out}
-  return out
-
-
-def build_model(cfg: ml_collections.ConfigDict | dict, **overrides) -> MAE:
-  """MAE from ``config.model`` (or a saved model config dict)."""
+def build_model(cfg: ml_collections.ConfigDict | Mapping[str, Any], **overrides) -> MAE:
+  """MAE from ``config.model`` (a ConfigDict: :meth:`MAEConfig.from_config`) or from a checkpoint's saved
+  model config (a dict: :meth:`MAEConfig.from_json`), with ``overrides`` (MAEConfig fields)."""
   if isinstance(cfg, ml_collections.ConfigDict):
-    mc = model_config(cfg)
-    extra = {"dtype": jnp.dtype(cfg.get("dtype", "float32")), "remat": cfg.get("remat", False),
-             "mask_token_in_encoder": cfg.get("mask_token_in_encoder", False)}
-  else:
-    mc, extra = {k: v for k, v in cfg.items() if k in MODEL_KEYS}, {}
-  return MAE(**{**mc, **extra, **overrides})
+    return MAEConfig.from_config(cfg).build(**overrides)
+  return MAEConfig.from_json(cfg).build(**overrides)
 
 
 def mae_loss_fn(model: MAE):
@@ -66,7 +53,8 @@ def reconstruction_figure(model: MAE, params, images_uint8: np.ndarray, path: st
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   """Runs MAE pretraining into ``workdir`` (resuming when it has a checkpoint)."""
-  model = build_model(config.model)
+  mc = MAEConfig.from_config(config.model)
+  model = mc.build()
   mesh = sharding.make_mesh(config.mesh)
   img = model.img_size
   dummy = jnp.zeros((1, img, img, model.in_chans), jnp.float32)
@@ -76,8 +64,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
                                   config.get("grad_accum_steps", 1))
   data = iter(pipeline.mae_pipeline(config.data, config.batch_size, img, config.seed))
   eval_fn = reconstruction_eval(config, model, workdir, lambda params: params)
-  return common.train_loop(trainer, data, config.total_steps, workdir, config, model_config(config.model),
-                           eval_fn=eval_fn, name="mae")
+  return common.train_loop(trainer, data, config.total_steps, workdir, config, mc.to_json(), eval_fn=eval_fn,
+                           name="mae")
 
 
 def reconstruction_eval(config: ml_collections.ConfigDict, model: MAE, workdir: str, mae_params_of):
