@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -264,10 +265,6 @@ def stop_if_preempted(result: LoopResult, name: str, workdir: str) -> None:
                     "to resume")
 
 
-def host_metrics(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-
-
 @dataclasses.dataclass
 class LoopResult:
   state: TrainState
@@ -275,73 +272,152 @@ class LoopResult:
   preempted: bool
 
 
+def itstime(step: int, every: int, total_steps: int, first: bool = False) -> bool:
+  """Whether a periodic action runs at ``step`` (1-based): every ``every`` steps, at the last step, and at the
+  first step of a run when ``first``."""
+  return (every > 0 and step % every == 0) or step == total_steps or first
+
+
+class ProgressLine:
+  """One live console line per stage: ``name  step/total  steps/s  ETA  loss``, rewritten in place on a
+  terminal, printed at most every ``every_secs`` otherwise; :meth:`done` prints the stage's one-line summary."""
+
+  def __init__(self, name: str, start: int, total_steps: int, enabled: bool, every_secs: float = 30.0):
+    self.name, self.start, self.total = name, start, total_steps
+    self.enabled = enabled
+    self.tty = enabled and sys.stdout.isatty()
+    self.every_secs = every_secs
+    self.t0 = self.t_first = time.time()
+    self.step_first = start
+    self.last_print = 0.0
+
+  def first_step_done(self, step: int) -> None:
+    """Rates are measured from the end of the first (compiling) step on."""
+    self.t_first, self.step_first = time.time(), step
+
+  def update(self, step: int, loss: float) -> None:
+    if not self.enabled:
+      return
+    now = time.time()
+    done = step - self.step_first
+    rate = done / (now - self.t_first) if done > 0 and now > self.t_first else 0.0
+    eta = (self.total - step) / rate if rate else float("nan")
+    eta_text = "--" if eta != eta else time.strftime("%H:%M:%S" if eta >= 3600 else "%M:%S", time.gmtime(eta))
+    line = (f"{self.name:<16} step {step:>{len(str(self.total))}}/{self.total}  {rate:6.2f} steps/s  "
+            f"ETA {eta_text}  loss {loss:.4f}")
+    if self.tty:
+      print("\r" + line, end="", flush=True)
+    elif now - self.last_print >= self.every_secs or step == self.total:
+      print(line, flush=True)
+      self.last_print = now
+
+  def done(self, step: int, losses: Sequence[tuple[int, float]], preempted: bool) -> None:
+    """``losses``: ``(step, loss)`` of the steps run."""
+    if not self.enabled:
+      return
+    if self.tty:
+      print(flush=True)
+    took = time.time() - self.t0
+    what = f"preempted at step {step}" if preempted else f"{step - self.start} steps"
+    if losses:
+      (s0, l0), (s1, l1) = losses[0], losses[-1]
+      what += f", loss {l0:.4f} (step {s0}) -> {l1:.4f} (step {s1})"
+    print(f"{self.name}: {what} in {took:.0f}s", flush=True)
+
+
+class MetricsLog:
+  """Step metrics kept on the device and fetched to the host in one transfer at log / save steps (the step never
+  waits on the host): the finiteness check, the per-step loss log (``<name>_loss.jsonl``) and the averaged
+  scalars written through clu."""
+
+  def __init__(self, name: str, workdir: str, writer, is_main: bool):
+    self.name, self.workdir, self.writer = name, workdir, writer
+    self.pending: list[tuple[int, Mapping[str, jax.Array]]] = []
+    self.losses: list[tuple[int, float]] = []
+    self.file = open(os.path.join(workdir, f"{name}_loss.jsonl"), "a", buffering=1) if is_main else None
+
+  def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, last_good_step: int | None) -> dict[str, float] | None:
+    """Fetches the pending steps; raises :class:`NonFiniteLoss` at the first non-finite one; writes their mean
+    as one TensorBoard point at the last step. Returns the last step's metrics."""
+    if not self.pending:
+      return None
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for step, m in zip(steps, fetched, strict=True):
+      loss, gnorm = float(m["loss"]), float(m.get("grad_norm", 0.0))
+      if not (np.isfinite(loss) and np.isfinite(gnorm)):
+        raise NonFiniteLoss(f"{self.name}: non-finite loss {loss} (grad norm {gnorm}) at step {step}; stopping. "
+                            f"The last checkpoint (step {last_good_step}) is intact in {self.workdir}/checkpoints")
+      self.losses.append((step, loss))
+      if self.file:
+        self.file.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    self.writer.write_scalars(steps[-1], mean)
+    return {k: float(v) for k, v in fetched[-1].items()}
+
+  def close(self) -> None:
+    if self.file:
+      self.file.close()
+
+
+def _restore_or_describe(ck: Checkpointer, trainer: Trainer, data_iter, name: str, workdir: str,
+                         is_main: bool) -> tuple[TrainState, int]:
+  """The state to start from: the latest checkpoint of ``workdir`` (data iterator restored in place) or the
+  fresh one (its parameter overview goes to the log)."""
+  from clu import parameter_overview
+  if ck.latest_step() is not None:
+    start = int(ck.latest_step())
+    if is_main:
+      print(f"{name}: resuming from step {start} in {workdir}", flush=True)
+    return ck.restore(trainer.state, trainer.state_shardings, data_iter), start
+  if is_main:
+    logging.info("%s: parameter overview\n%s", name,
+                 parameter_overview.get_parameter_overview(jax.device_get(trainer.state.params)))
+  return trainer.state, 0
+
+
 def train_loop(trainer: Trainer, data_iter: Iterator[Mapping[str, np.ndarray]], total_steps: int,
                workdir: str, config: ml_collections.ConfigDict, model_config: Mapping[str, Any],
                eval_fn: Callable[[TrainState, int], None] | None = None, name: str = "train") -> LoopResult:
-  """Runs ``total_steps`` steps with resume, periodic checkpoints, clu metrics/progress, SIGTERM handling."""
-  from clu import metric_writers, parameter_overview, periodic_actions
+  """Runs ``total_steps`` steps with resume, periodic checkpoints, clu metrics, a progress line and SIGTERM
+  handling. Metrics reach the host only every ``log_every`` steps and before a checkpoint or an evaluation, so
+  only states whose losses and gradients were all finite are saved or evaluated."""
+  from clu import metric_writers, periodic_actions
 
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  ck = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
-                    save_every=config.get("checkpoint_every", 1000))
-  state = trainer.state
-  start = 0
-  if ck.latest_step() is not None:
-    start = int(ck.latest_step())
-    logging.info("%s: resuming from step %d in %s", name, start, workdir)
-    state = ck.restore(state, trainer.state_shardings, data_iter)
-  elif is_main:
-    logging.info("%s: parameter overview\n%s", name,
-                 parameter_overview.get_parameter_overview(jax.device_get(state.params)))
-
+  ck = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3), save_every=config.get("checkpoint_every", 1000))
+  state, start = _restore_or_describe(ck, trainer, data_iter, name, workdir, is_main)
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=not is_main,
                                                 asynchronous=False)
-  writer.write_hparams({k: v for k, v in _flat_config(config).items()})
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_secs=None, every_steps=config.get("log_every", 10))
+  writer.write_hparams(_flat_config(config))
   log_every = int(config.get("log_every", 10))
-  losses: list[tuple[int, float]] = []
-  loss_log = open(os.path.join(workdir, f"{name}_loss.jsonl"), "a", buffering=1) if is_main else None
-  acc: dict[str, list[float]] = {}
-  pending = None  # metrics of the previous step, fetched one step late so dispatch never waits on the host
-  preempted = False
-
-  def finish_pending(pending):
-    step_no, m = pending
-    hm = host_metrics(m)
-    if not (np.isfinite(hm["loss"]) and np.isfinite(hm.get("grad_norm", 0.0))):
-      raise NonFiniteLoss(f"{name}: non-finite loss {hm['loss']} (grad norm {hm.get('grad_norm')}) at step "
-                          f"{step_no}; stopping. The last "
-                          f"checkpoint (step {ck.latest_step()}) is intact in {workdir}/checkpoints")
-    losses.append((step_no, hm["loss"]))
-    if loss_log:
-      loss_log.write(json.dumps({"step": step_no, "loss": hm["loss"]}) + "\n")
-    for k, v in hm.items():
-      acc.setdefault(k, []).append(v)
-    if step_no % log_every == 0 or step_no == total_steps:
-      writer.write_scalars(step_no, {k: float(np.mean(v)) for k, v in acc.items()})
-      acc.clear()
-
+  eval_every = int(config.get("eval_every", 10**9))
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_secs=None,
+                                           every_steps=log_every)
+  log = MetricsLog(name, workdir, writer, is_main)
+  progress = ProgressLine(name, start, total_steps, enabled=is_main)
+  preempted, step, last = False, start, None
   try:
     with Preemption() as pre:
-      t0 = time.time()
       for step in range(start + 1, total_steps + 1):
-        batch = global_batch(next(data_iter), trainer.mesh)
-        state, metrics = trainer.step_fn(state, batch)
-        if pending is not None:
-          finish_pending(pending)
-        pending = (step, metrics)
-        progress(step, t=time.time())
+        state, metrics = trainer.step_fn(state, global_batch(next(data_iter), trainer.mesh))
+        log.add(step, metrics)
+        report(step, t=time.time())
         if step == start + 1:
           jax.block_until_ready(metrics)
-          logging.info("%s: first step (compile included) took %.1fs", name, time.time() - t0)
-        evaluate = eval_fn is not None and step % config.get("eval_every", 10**9) == 0
-        # Every ``checkpoint_every`` steps (Orbax's ``should_save`` would also save step 1 of a fresh run).
-        if step % ck.save_every == 0 or pre.requested or evaluate:
-          # Only a state whose loss and gradients were finite is saved or evaluated.
-          finish_pending(pending)
-          pending = None
+          progress.first_step_done(step)
+          logging.info("%s: first step (compile included) took %.1fs", name, time.time() - progress.t0)
+        evaluate = eval_fn is not None and step % eval_every == 0
+        save = step % ck.save_every == 0 or pre.requested or evaluate
+        if itstime(step, log_every, total_steps) or save:
+          last = log.flush(ck.latest_step()) or last
+          progress.update(step, last["loss"])
+        if save:
           ck.save(step, state, data_iter, model_config, force=pre.requested)
         if evaluate:
           eval_fn(state, step)
@@ -349,19 +425,18 @@ def train_loop(trainer: Trainer, data_iter: Iterator[Mapping[str, np.ndarray]], 
           logging.warning("%s: preempted at step %d; checkpoint saved.", name, step)
           preempted = True
           break
-      if pending is not None:
-        finish_pending(pending)
-    if not preempted:
-      if ck.latest_step() != total_steps and total_steps > start:
+      last = log.flush(ck.latest_step()) or last
+    if not preempted and total_steps > start:
+      if ck.latest_step() != total_steps:
         ck.save(total_steps, state, data_iter, model_config, force=True)
-      if eval_fn is not None and total_steps > start:
+      if eval_fn is not None and total_steps % eval_every != 0:
         eval_fn(state, total_steps)
   finally:
     writer.flush()
-    if loss_log:
-      loss_log.close()
+    log.close()
     ck.close()
-  return LoopResult(state=state, losses=losses, preempted=preempted)
+  progress.done(step, log.losses, preempted)
+  return LoopResult(state=state, losses=log.losses, preempted=preempted)
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
