@@ -72,12 +72,21 @@ def init_distributed():
   jax.distributed.initialize(**kw)
 
 
+def _not_orbax_warning(record: py_logging.LogRecord) -> bool:
+  """Orbax warns on every read-only restore (each stage restores the one before); those go to the file only."""
+  return record.levelno >= py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def route_console_log() -> None:
-  """The console (absl's stderr handler) shows WARNING and above, or the level of ``--verbosity`` when given;
-  the loggers pass INFO on (for ``log_to_file``)."""
-  absl_level = flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else logging.WARNING
+  """The console (absl's stderr handler) shows WARNING and above except Orbax's warnings, or the level of
+  ``--verbosity`` when given; the loggers pass INFO on (for ``log_to_file``)."""
+  verbosity_given = flags.FLAGS["verbosity"].present
+  absl_level = flags.FLAGS.verbosity if verbosity_given else logging.WARNING
   logging.set_verbosity(max(absl_level, logging.INFO))  # absl levels: WARNING -1 < INFO 0 < DEBUG 1
-  logging.get_absl_handler().setLevel(logging.converter.absl_to_standard(absl_level))
+  console = logging.get_absl_handler()
+  console.setLevel(logging.converter.absl_to_standard(absl_level))
+  if not verbosity_given:
+    console.addFilter(_not_orbax_warning)
 
 
 def log_to_file(workdir: str, process_index: int) -> str:

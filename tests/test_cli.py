@@ -125,3 +125,36 @@ def test_stale_lock_is_replaced(tmp_path, holder):
   error_line(proc, "maejax.main", str(tmp_path / "no_encoder"))
   assert "maejax: stage au_finetune" in proc.stdout
   assert not lock.exists()
+
+
+ROUTING = """
+import logging as pl, sys
+from absl import flags, logging
+from maejax import main
+flags.FLAGS(["main", "--config=configs/mae_pretrain.py:smoke", *sys.argv[2:]])
+logging.use_absl_handler()  # as app.run does
+main.route_console_log()
+main.log_to_file(sys.argv[1], 0)
+root = pl.getLogger()
+for path, level, msg in (("/site-packages/orbax/checkpoint/manager.py", pl.WARNING, "orbax-warning"),
+                         ("/site-packages/orbax/checkpoint/manager.py", pl.ERROR, "orbax-error"),
+                         ("/maejax/trainers/au.py", pl.WARNING, "maejax-warning"),
+                         ("/maejax/trainers/au.py", pl.INFO, "maejax-info")):
+  root.handle(root.makeRecord("absl", level, path, 1, msg, (), None))
+"""
+
+
+@pytest.mark.parametrize("verbosity", [None, 0])
+def test_console_shows_warnings_and_the_log_file_everything(tmp_path, verbosity):
+  extra = [] if verbosity is None else [f"--verbosity={verbosity}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-c", ROUTING, str(tmp_path), *extra], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  shown = {m for m in ("orbax-warning", "orbax-error", "maejax-warning", "maejax-info") if m in proc.stderr}
+  if verbosity is None:
+    assert shown == {"orbax-error", "maejax-warning"}
+  else:
+    assert shown == {"orbax-warning", "orbax-error", "maejax-warning", "maejax-info"}
+  log = (tmp_path / "main.log").read_text()
+  assert all(m in log for m in ("orbax-warning", "orbax-error", "maejax-warning", "maejax-info"))
