@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from maejax import sharding
-from maejax.config_utils import closest_names
+from maejax.cli import closest_names
 
 
 def base(stage: str) -> ml_collections.ConfigDict:

@@ -8,9 +8,11 @@ their traceback. ``--debug`` (or ``MAEJAX_DEBUG=1``) shows the traceback of user
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import app, flags
 
@@ -21,6 +23,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
                                                 app.UsageError)
 # Raised while absl parses ``--config.key=value``: ml_collections' lookup of a key the config does not have.
 OVERRIDE_ERRORS: tuple[type[BaseException], ...] = (KeyError, AttributeError)
+
+
+def closest_names(name: str, valid: Sequence[str]) -> str:
+  """``"; did you mean 'seed'?"`` for a misspelt ``name`` (empty when nothing in ``valid`` is close)."""
+  close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class UserError(Exception):
@@ -49,7 +57,6 @@ def one_line(e: BaseException) -> str:
 
 def _config_path(config, dotted: str) -> str | None:
   """Why ``--config.<dotted>`` names no field of ``config`` (``None`` when it does)."""
-  from maejax.config_utils import closest_names
   node, done = config, []
   for part in dotted.split("."):
     where = "config" + "".join(f".{k}" for k in done)
@@ -72,7 +79,8 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
   return value
 
 
-def explain_override_error(argv: Sequence[str], error: BaseException, flag: str) -> str:
+def explain_override_error(argv: Sequence[str], error: BaseException, flag: str,
+                           load_config: Callable[[str], Any]) -> str:
   """Names the ``--config.a.b=…`` override of ``argv`` that the config lacks, with the closest field names.
 
   ml_collections reports only the missing key (``AttributeError: "'nosuchkey'"``), so the config is loaded
@@ -80,7 +88,6 @@ def explain_override_error(argv: Sequence[str], error: BaseException, flag: str)
   spec = _flag_value(argv, flag)
   overrides = [a[len(flag) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{flag}.")]
   if spec is not None:
-    from maejax.config_utils import load_config
     config = load_config(spec)
     for dotted in overrides:
       reason = _config_path(config, dotted)
@@ -89,11 +96,13 @@ def explain_override_error(argv: Sequence[str], error: BaseException, flag: str)
   return f"--{flag}.<key> override: unknown key {one_line(error)}"
 
 
-def run(main: Callable[[list[str]], int | None], prog: str | None = None, config_flag: str | None = None) -> None:
+def run(main: Callable[[list[str]], int | None], prog: str | None = None, config_flag: str | None = None,
+        load_config: Callable[[str], Any] | None = None) -> None:
   """``app.run(main)`` with one-line user errors (see the module docstring); exits with main's return value.
 
   ``config_flag``: the name of an ``ml_collections.config_flags`` config-file flag. Its file is loaded with
-  ``maejax.config_utils.load_config`` before absl parses the flags, because config_flags reports a missing
+  ``load_config`` (``maejax.config_utils.load_config``, passed in so that this module imports nothing of maejax)
+  before absl parses the flags, because config_flags reports a missing
   file or a rejected ``:ARG`` as a traceback inside the message (or only when the config is first used), and
   an override of a missing key as the bare key.
   """
@@ -105,14 +114,13 @@ def run(main: Callable[[list[str]], int | None], prog: str | None = None, config
   def parse(argv: list[str]) -> list[str]:
     spec = _flag_value(argv, config_flag) if config_flag else None
     if spec:
-      from maejax.config_utils import load_config
       load_config(spec)
     try:
       return flags.FLAGS(argv)
     except OVERRIDE_ERRORS as e:
       if not config_flag:
         raise
-      raise UserError(explain_override_error(argv, e, config_flag)) from e
+      raise UserError(explain_override_error(argv, e, config_flag, load_config)) from e
 
   def main_(argv: list[str]) -> int | None:
     try:

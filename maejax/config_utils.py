@@ -6,13 +6,14 @@ notebooks and benchmarks; ``validate(config)`` is the check ``maejax.main`` runs
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
+
+from maejax.cli import closest_names
 
 STAGES = ("mae_pretrain", "distill", "au_finetune", "au_occl")
 MODES = ("train", "eval")
@@ -73,12 +74,6 @@ def load_config(spec: str):
 
 
 # ------------------------------------------------------------------------------------------------ checks
-
-
-def closest_names(name: str, valid: Sequence[str]) -> str:
-  """``"; did you mean 'seed'?"`` for a misspelt ``name`` (empty when nothing in ``valid`` is close)."""
-  close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
-  return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _one_of(where: str, value: Any, allowed: Sequence[Any]) -> None:

@@ -136,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, prog="maejax.main", config_flag="config")
+  cli.run(main, prog="maejax.main", config_flag="config", load_config=config_utils.load_config)
