@@ -122,14 +122,18 @@ def default_aus(num_aus: int, path: str | None = None) -> tuple[int, ...]:
                    "numbers with --aus=1,2,4,...")
 
 
-def load(workdir: str, model: str = "", aus: Sequence[int] | None = None) -> LoadedAUModel:
+def load(workdir: str, model: str = "", aus: Sequence[int] | None = None, attention: str | None = None
+         ) -> LoadedAUModel:
   """Restores an AU model (params + BatchNorm statistics) from the latest checkpoint of
-  :func:`model_dir` ``(workdir, model)``."""
+  :func:`model_dir` ``(workdir, model)``. ``attention``: the attention implementation to run it with (default:
+  the one it was trained with; the implementations compute the same function)."""
   path = model_dir(workdir, model)
   saved = checkpoints.read_config(path)
   if "num_aus" not in saved:
     raise ValueError(f"{path}: not an AU model checkpoint (its saved config has no num_aus: {sorted(saved)})")
   cfg = AUModelConfig.from_json(saved)
+  if attention:
+    cfg = cfg.replace(attention=attention)
   variables, _ = checkpoints.load_variables(path, ("batch_stats",))
   aus = tuple(int(a) for a in aus) if aus else default_aus(cfg.num_aus, path)
   if len(aus) != cfg.num_aus:

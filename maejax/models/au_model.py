@@ -201,6 +201,7 @@ class AUModelConfig:
   head_pool: int = 2  # average-pool the patch grid by this factor before the head
   occlusion_predictor: bool = False  # per-patch occlusion predictor for token dropping
   freeze_encoder: bool = False  # stop gradients at the encoder output
+  attention: str = "einsum"  # attention implementation (:func:`maejax.models.vit.attention`): not the math
 
   @classmethod
   def fields(cls) -> tuple[str, ...]:
