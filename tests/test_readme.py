@@ -177,6 +177,8 @@ def test_runnable_blocks_run(au_smoke_run, tmp_path):
   assert len(runnable) >= 2
   _scratch(tmp_path, au_smoke_run.workdir)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # The README says `python`: make it this interpreter, also when its virtual environment is not activated.
+  env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
   ran = []
   for body in runnable:
     for line in commands(body):
