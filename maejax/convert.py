@@ -468,21 +468,17 @@ def convert(src: str | os.PathLike | Mapping[str, Any], dst: str | os.PathLike |
 
 
 def main(argv) -> None:
-  import sys
-
-  from absl import flags, logging
+  from absl import app, flags, logging
 
   f = flags.FLAGS
   if len(argv) > 1:
-    sys.exit(f"error: unexpected positional arguments {argv[1:]}")
+    raise app.UsageError(f"unexpected positional arguments {argv[1:]}")
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  try:
-    params, config, info = convert(f.src, f.dst, num_heads=f.num_heads, decoder_heads=f.decoder_heads,
-                                   allow_pos_embed_mismatch=f.allow_pos_embed_mismatch,
-                                   overwrite=f.overwrite)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    sys.exit(f"error: {e}")
+  # A bad source or destination raises ValueError / FileNotFoundError / FileExistsError: maejax.cli prints it as
+  # one line and exits with status 2.
+  params, config, info = convert(f.src, f.dst, num_heads=f.num_heads, decoder_heads=f.decoder_heads,
+                                 allow_pos_embed_mismatch=f.allow_pos_embed_mismatch, overwrite=f.overwrite)
   import jax
 
   counts = {k: int(sum(x.size for x in jax.tree_util.tree_leaves(v))) for k, v in params.items()}

@@ -83,6 +83,12 @@ def test_predict_with_a_missing_checkpoint(tmp_path):
   error_line(proc, "maejax.predict", str(tmp_path / "nosuch"))
 
 
+def test_convert_with_a_missing_source(tmp_path):
+  proc = run("maejax.convert", f"--src={tmp_path / 'nosuch.pth'}", f"--dst={tmp_path / 'out'}")
+  error_line(proc, "maejax.convert", str(tmp_path / "nosuch.pth"))
+  assert not (tmp_path / "out").exists()
+
+
 def test_prepare_with_a_corrupt_label_file(tmp_path):
   make_bp4d(tmp_path / "bp4d", n_frames=2)
   path = tmp_path / "bp4d/AUCoding/AU_OCC/F007_T1.csv"
