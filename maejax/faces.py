@@ -550,3 +550,46 @@ class FaceTracker:
         self._next_id += 1
     self._tracks = sorted(kept, key=lambda t: t.face_id)
     return [align_with_params(image, t.det, t.params, self.size, t.face_id, t.missed > 0) for t in self._tracks]
+
+
+# ------------------------------------------------------------------------------------------------ datasets
+
+
+class FrameAligner:
+  """The largest face of a dataset frame, detected and aligned: what the BP4D / DISFA builders use with
+  ``align="detect"``. Detections are plain dicts (``box`` (4,), ``keypoints`` (5, 2) in :data:`KEYPOINT_NAMES`
+  order, ``score``, ``model``) so the builders can cache them as JSON; ``signature`` names the models and the
+  crop method, so a cache made by other models is not reused."""
+
+  def __init__(self, face_model: str | None = None, cache_dir: str | None = None, method: str = "ffhq"):
+    if method not in METHODS:
+      raise ValueError(f"method={method!r}: expected one of {METHODS}")
+    self.detector = FaceDetector(face_model, cache_dir, max_faces=1)
+    self.method = method
+    models = ",".join(f"{name}:{sha256_file(path)[:16]}" for name, path in self.detector.models)
+    self.signature = f"blazeface[{models}]/{method}"
+
+  def detect(self, image: np.ndarray) -> dict | None:
+    """The largest face of ``image`` as a JSON-ready dict, or None when there is none."""
+    dets = self.detector.detect(image)
+    if not dets:
+      return None
+    d = dets[0]
+    return {"box": d.box.tolist(), "keypoints": d.keypoints.tolist(), "score": d.score, "model": d.model}
+
+  def crop(self, image: np.ndarray, detection: dict, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(crop (size, size, 3) uint8, keypoints (5, 2) float32 in the crop)`` of a :meth:`detect` result."""
+    det = Detection(box=np.asarray(detection["box"], np.float64),
+                    keypoints=np.asarray(detection["keypoints"], np.float64), score=float(detection["score"]),
+                    model=str(detection["model"]))
+    face = align(image, det, size, self.method)
+    return face.crop, face.crop_keypoints.astype(np.float32)
+
+  def close(self) -> None:
+    self.detector.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
