@@ -206,3 +206,231 @@ def weighted_sum(terms: Mapping[str, Array], weights: Mapping[str, Array]) -> Ar
   """``Σ_k w_k · term_k`` over the terms present (the weights are arrays, so models that differ only in them
   share one compiled step)."""
   return sum(weights[k] * v for k, v in terms.items())
+
+
+# ------------------------------------------------------------------------------------- MIM objectives
+# BootMAE (Dong et al. 2022), SdAE (Chen et al. 2022), SD-MAE (Luo & Chen 2022), MCM: the loss equations of the
+# objectives in models/objectives.py (facts: SEED_METHODS.md §1–3, §6).
+
+
+def patch_channel_stats(patches: Array, channels: int, ddof: int) -> tuple[Array, Array]:
+  """Mean and variance per patch and per channel over its p² pixels: ``(B, L, p²·C)`` → two ``(B, L, 1, C)``
+  (the ``(h, w, p, q, c)`` patch layout has the channel fastest)."""
+  x = patches.reshape(patches.shape[:-1] + (-1, channels))
+  return x.mean(-2, keepdims=True), x.var(-2, keepdims=True, ddof=ddof)
+
+
+def bootmae_pixel_target(patches: Array, channels: int = 3, eps: float = 1e-5) -> Array:
+  """BootMAE pixel target: ``t = (x − μ_{b,l,c}) / sqrt(σ²_{b,l,c} + eps)`` per patch AND channel, BIASED variance
+  (ddof 0), eps 1e-5 (MAE normalises per patch over all channels, ddof 1, eps 1e-6). ``(B, L, p²·C)``."""
+  x = patches.reshape(patches.shape[:-1] + (-1, channels))
+  mean, var = patch_channel_stats(patches, channels, ddof=0)
+  return ((x - mean) / jnp.sqrt(var + eps)).reshape(patches.shape)
+
+
+def layer_norm_noaffine(x: Array, eps: float = 1e-6) -> Array:
+  """LayerNorm without scale and bias over the last axis: ``(x − mean) / sqrt(var + eps)``, biased variance."""
+  mean = x.mean(-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+def block_weights(mask: Array, grid: int) -> Array:
+  """BootMAE patch weights ``w = m ⊙ (1 + AvgPool3×3(m))`` on the ``grid × grid`` mask (stride 1, zero padding
+  counted in the divisor 9): a masked patch weighs ``1 + (masked patches in its 3×3 window)/9``, a visible one 0.
+  ``mask: (B, L)`` (1 = removed) → ``(B, L)``."""
+  m = mask.reshape(-1, grid, grid).astype(jnp.float32)
+  padded = jnp.pad(m, ((0, 0), (1, 1), (1, 1)))
+  pooled = sum(padded[:, i:i + grid, j:j + grid] for i in range(3) for j in range(3)) / 9.0
+  return (m * (1.0 + pooled)).reshape(mask.shape)
+
+
+def weighted_masked_mse(pred: Array, target: Array, mask: Array, weights: Array | None = None) -> Array:
+  """``Σ_{b,l} w_bl · mean_last (pred − target)² / Σ_{b,l} m_bl`` (BootMAE: normalised by the masked COUNT, not
+  by Σw); ``weights=None`` is ``w = m``, the MAE loss. ``pred, target: (B, L, E)``, ``mask, weights: (B, L)``."""
+  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  w = mask if weights is None else weights
+  return jnp.sum(per_patch * w) / jnp.sum(mask)
+
+
+def bootmae_feature_loss(pred: Array, target: Array, mask: Array, weights: Array | None = None) -> Array:
+  """BootMAE feature loss: ``Σ w · mean_D (LN(y) − LN(ŷ))² / Σ m`` with ``LN`` = :func:`layer_norm_noaffine` on
+  both the EMA target ``y`` (no gradient) and the prediction ``ŷ``. ``(B, L, D)``, mask / weights ``(B, L)``."""
+  target = layer_norm_noaffine(jax.lax.stop_gradient(target).astype(jnp.float32))
+  return weighted_masked_mse(layer_norm_noaffine(pred.astype(jnp.float32)), target, mask, weights)
+
+
+def linear_ramp(progress: Array, ramp: float) -> Array:
+  """``min(1, progress / ramp)``; ``ramp = 0`` is 1 throughout. BootMAE's feature weight is ``λ₀·min(1, 4(1+e)/E)``
+  = ``λ₀ · linear_ramp((e+1)/E, 0.25)``."""
+  if ramp <= 0:
+    return jnp.ones_like(jnp.asarray(progress, jnp.float32))
+  return jnp.minimum(1.0, jnp.asarray(progress, jnp.float32) / ramp)
+
+
+def sdae_target(t: Array, eps: float = 1e-6) -> Array:
+  """SdAE target: per-token standardisation ``(t − mean_D t) / sqrt(var_D t + eps)``, UNBIASED variance."""
+  t = jax.lax.stop_gradient(t).astype(jnp.float32)
+  return (t - t.mean(-1, keepdims=True)) / jnp.sqrt(t.var(-1, keepdims=True, ddof=1) + eps)
+
+
+COS_AXES = ("feature", "token")
+
+
+def cosine_similarity(a: Array, b: Array, axis: int, eps: float = 1e-8) -> Array:
+  """``a·b / (max(‖a‖, eps)·max(‖b‖, eps))`` along ``axis`` (torch's ``F.cosine_similarity``)."""
+  na = jnp.maximum(jnp.sqrt(jnp.sum(a * a, axis)), eps)
+  nb = jnp.maximum(jnp.sqrt(jnp.sum(b * b, axis)), eps)
+  return jnp.sum(a * b, axis) / (na * nb)
+
+
+def sdae_cosine_loss(pred: Array, target: Array, axis: str = "feature") -> Array:
+  """SdAE loss ``1 − mean cos(t̃, ŷ)`` on ``(V, T, D)`` (V = batch × folds, T tokens per fold).
+
+  ``"feature"``: cosine per token over the D features, mean over the V·T tokens (the evident intent).
+  ``"token"``: the official code's ``F.cosine_similarity(t̃, ŷ)`` with its default ``dim=1`` = the TOKEN axis:
+  cosine per (view, channel) over the T tokens, mean over V·D.
+  """
+  if axis not in COS_AXES:
+    raise ValueError(f"unknown SdAE cosine axis {axis!r}; expected one of {COS_AXES}")
+  return 1.0 - jnp.mean(cosine_similarity(pred.astype(jnp.float32), target, -1 if axis == "feature" else 1))
+
+
+CENTER_MODES = ("sdmae", "dino")
+
+
+def dino_ce(student: Array, teacher: Array, center: Array, tau_s: float, tau_t: float, stop_grad: bool = True
+            ) -> Array:
+  """Self-distillation cross-entropy ``mean_b [−Σ_k softmax((t_b − c)/τ_t)_k · log softmax(s_b/τ_s)_k]``.
+
+  ``student, teacher: (B, K)`` logits, ``center: (K,)``. ``stop_grad`` (DINO) detaches the teacher
+  distribution; the SD-MAE code does not (``stop_grad=False``: gradients reach the teacher branch too).
+  """
+  t = jax.nn.softmax((teacher.astype(jnp.float32) - center) / tau_t, axis=-1)
+  if stop_grad:
+    t = jax.lax.stop_gradient(t)
+  logp = jax.nn.log_softmax(student.astype(jnp.float32) / tau_s, axis=-1)
+  return jnp.mean(-jnp.sum(t * logp, axis=-1))
+
+
+def center_update(center: Array, teacher: Array, tau_t: float, momentum: float = 0.9, mode: str = "sdmae"
+                  ) -> Array:
+  """Centre ``c ← m·c + (1 − m)·mean_b u_b`` (no gradient). ``"sdmae"`` (SD-MAE's code): ``u_b =
+  softmax((t_b − c)/τ_t)``, the teacher's PROBABILITIES; ``"dino"``: ``u_b = t_b``, its logits."""
+  if mode not in CENTER_MODES:
+    raise ValueError(f"unknown centre mode {mode!r}; expected one of {CENTER_MODES}")
+  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+  u = jax.nn.softmax((t - center) / tau_t, axis=-1) if mode == "sdmae" else t
+  return momentum * center + (1 - momentum) * u.mean(0)
+
+
+def sdmae_pixel_target(patches: Array, channels: int = 3, eps: float = 1e-6) -> Array:
+  """SD-MAE pixel target: ``(x − μ) / (σ + eps)`` per patch and channel, σ the UNBIASED standard deviation, eps
+  added to σ (not to σ²). ``(B, L, p²·C)``."""
+  x = patches.reshape(patches.shape[:-1] + (-1, channels))
+  mean, var = patch_channel_stats(patches, channels, ddof=1)
+  return ((x - mean) / (jnp.sqrt(var) + eps)).reshape(patches.shape)
+
+
+def sdmae_total_loss(pixel_loss: Array, sd_loss: Array, p: float = 0.2) -> Array:
+  """SD-MAE total ``p·L_SD + (1 − p)·L_pix`` (p = 0.2 in its code)."""
+  return p * sd_loss + (1 - p) * pixel_loss
+
+
+# ------------------------------------------------------------------------------------- AU: the KD family
+# Knowledge transfer from the clean-face AU teacher to the occluded-face student beyond node / edge KD
+# (issue 15): probability KD (Hinton et al. 2015), pseudo-labels (self-training), latent KD on the transform's
+# tokens (BootMAE / DMAE-style normalised targets), triplet KD on node features (Georgescu et al., MVA 2022).
+# The teacher side always gets stop_gradient; in online KD the trainer calls these with the roles swapped.
+
+
+def logit(p: Array, eps: float = 1e-4) -> Array:
+  """``log(p / (1 − p))`` of ``p`` clipped to ``[eps, 1 − eps]`` (the cosine classifier's probabilities reach
+  0 exactly, so a temperature needs the clip)."""
+  p = jnp.clip(p.astype(jnp.float32), eps, 1.0 - eps)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def prob_kd_loss(student_probs: Array, teacher_probs: Array, temperature: float = 1.0, eps: float = 1e-4
+                 ) -> Array:
+  """Probability KD (Hinton et al. 2015) for multi-label AUs, per AU a binary distribution:
+
+  ``p_T = σ(logit(p) / T)`` for student and teacher (logits of the clipped probabilities, :func:`logit`),
+  ``L = T² · mean_{b,i} −[q_T log p_T + (1 − q_T) log(1 − p_T)]`` with ``q`` the teacher's probability
+  (stop_gradient). ``T²`` keeps the gradient scale independent of T, as Hinton et al. The log terms are
+  log-sigmoids of the student's scaled logit (exact, no second clip). ``(B, N)`` each.
+  """
+  _check_au(student_probs, teacher_probs)
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  z = logit(student_probs, eps) / temperature
+  q = jax.nn.sigmoid(logit(jax.lax.stop_gradient(teacher_probs), eps) / temperature)
+  bce = -(q * jax.nn.log_sigmoid(z) + (1.0 - q) * jax.nn.log_sigmoid(-z))
+  return temperature**2 * jnp.mean(bce)
+
+
+def pseudo_labels(teacher_probs: Array, labels: Array, threshold: float = 0.5) -> Array:
+  """Self-training targets: ``1[q ≥ threshold]`` where the true label is unknown (−1), −1 where it is known
+  (those entries belong to the supervised term). ``(B, N)`` int32."""
+  _check_au(teacher_probs, labels)
+  hard = (jax.lax.stop_gradient(teacher_probs) >= threshold).astype(jnp.int32)
+  return jnp.where(labels >= 0, -1, hard)
+
+
+def pseudo_label_loss(probs: Array, teacher_probs: Array, labels: Array, weights: Array | None = None,
+                      threshold: float = 0.5) -> Array:
+  """The pseudo-label baseline: :func:`wal_loss` of the student's probabilities against
+  :func:`pseudo_labels` (the teacher's thresholded clean-face predictions on the unlabelled entries)."""
+  return wal_loss(probs, pseudo_labels(teacher_probs, labels, threshold), weights)
+
+
+def latent_kd_loss(student: Array, teacher: Array, mask: Array | None = None, eps: float = 1e-6) -> Array:
+  """Latent KD: the student's transformed tokens regress the teacher encoder's tokens of the clean face.
+
+  ``ℓ_bl = (1/D) Σ_d (s_bld − LN(t_bl)_d)²`` with ``LN`` the affine-free :func:`layer_norm_noaffine` (biased
+  variance, as BootMAE's / DMAE's normalised targets; stop_gradient on the teacher);
+  ``L = Σ_bl m_bl ℓ_bl / Σ_bl m_bl`` (``mask`` None = every token; an empty mask gives 0).
+  ``student, teacher: (B, L, D)``, ``mask: (B, L)`` (e.g. only the occluded patches).
+  """
+  if student.shape != teacher.shape:
+    raise ValueError(f"latent_kd_loss: student and teacher shapes differ: {student.shape} vs {teacher.shape}")
+  target = layer_norm_noaffine(jax.lax.stop_gradient(teacher).astype(jnp.float32), eps)
+  per_token = jnp.mean((student.astype(jnp.float32) - target) ** 2, axis=-1)
+  if mask is None:
+    return jnp.mean(per_token)
+  if mask.shape != per_token.shape:
+    raise ValueError(f"latent_kd_loss: mask must be (B, L) = {per_token.shape}, got {mask.shape}")
+  m = mask.astype(jnp.float32)
+  return jnp.sum(per_token * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def triplet_kd_loss(anchor: Array, positive: Array, labels: Array, margin: float = 0.2, normalize: bool = False,
+                    eps: float = 1e-6) -> Array:
+  """Triplet KD on node features (Georgescu et al., MVA 2022, per AU for multi-label AUs).
+
+  For example b and AU i: anchor ``a = s[b, i]`` (student, occluded face), positive ``p = t[b, i]`` (teacher,
+  the same face clean), negative ``n = t[b', i]``: the teacher's node feature of the HARDEST valid other face,
+  ``b' = argmin_{b'} d(a, t[b', i])`` over ``b' ≠ b`` with both labels of AU i known and different.
+  ``ℓ_bi = max(0, d(a, p) − d(a, n) + m)``, ``d(x, y) = ‖x − y + eps‖₂`` (unsquared, torch's
+  ``pairwise_distance``: per triplet this is ``F.triplet_margin_loss(a, p, n, margin=m)``).
+  ``L`` = mean of ``ℓ_bi`` over the (b, i) that have a valid negative (none → 0). ``normalize``: L2-normalise
+  both sides first, so ``m`` lives on [0, 2]. The teacher gets no gradient.
+  ``anchor, positive: (B, N, C)``, ``labels: (B, N)`` with −1 = unknown.
+  """
+  if anchor.shape != positive.shape or anchor.ndim != 3 or labels.shape != anchor.shape[:2]:
+    raise ValueError(f"triplet_kd_loss: expected anchor, positive (B, N, C) and labels (B, N), got "
+                     f"{anchor.shape}, {positive.shape}, {labels.shape}")
+  a = anchor.astype(jnp.float32)
+  t = jax.lax.stop_gradient(positive).astype(jnp.float32)
+  if normalize:
+    a, t = l2_normalize(a), l2_normalize(t)
+  d_ap = jnp.sqrt(jnp.sum((a - t + eps) ** 2, axis=-1))  # (B, N)
+  d_an = jnp.sqrt(jnp.sum((a[:, None] - t[None] + eps) ** 2, axis=-1))  # (B, B', N)
+  known = labels >= 0
+  b = labels.shape[0]
+  valid = (known[:, None] & known[None] & (labels[:, None] != labels[None])
+           & ~jnp.eye(b, dtype=bool)[:, :, None])
+  hardest = jnp.argmin(jnp.where(valid, jax.lax.stop_gradient(d_an), jnp.inf), axis=1)  # (B, N)
+  d_neg = jnp.take_along_axis(d_an, hardest[:, None], axis=1)[:, 0]
+  has = valid.any(axis=1).astype(jnp.float32)
+  per = jnp.maximum(d_ap - d_neg + margin, 0.0)
+  return jnp.sum(per * has) / jnp.maximum(jnp.sum(has), 1.0)

@@ -94,10 +94,12 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention: str = "einsum"  # see :func:`maejax.models.vit.attention`
+  return_hidden: bool = False  # also return the final-normed decoder tokens (SD-MAE reads them)
 
   @nn.compact
-  def __call__(self, latent: Array, ids_restore: Array) -> Array:
-    """``latent: (B, 1+K, D)``, ``ids_restore: (B, L)`` → ``pred: (B, L, p²·C)``."""
+  def __call__(self, latent: Array, ids_restore: Array) -> Array | tuple[Array, Array]:
+    """``latent: (B, 1+K, D)``, ``ids_restore: (B, L)`` → ``pred: (B, L, p²·C)`` (``patch_dim`` wide), and with
+    ``return_hidden`` also ``hidden: (B, L, Dd)``, the decoder tokens after its final LN, cls dropped."""
     x = nn.Dense(self.width, dtype=self.dtype, name="decoder_embed",
                  kernel_init=_p(xavier_uniform, "embed", "decoder_embed"),
                  bias_init=_p(nn.initializers.zeros, "decoder_embed"))(latent)
@@ -115,11 +117,11 @@ class Decoder(nn.Module):
     for i in range(self.depth):
       x = block_cls(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype, attention=self.attention,
                     name=f"decoder_blocks_{i}")(x, True)
-    x = layer_norm("decoder_norm", self.dtype)(x)
+    hidden = layer_norm("decoder_norm", self.dtype)(x)
     x = nn.Dense(self.patch_dim, dtype=self.dtype, name="decoder_pred",
                  kernel_init=_p(xavier_uniform, "decoder_embed", "patch"),
-                 bias_init=_p(nn.initializers.zeros, "patch"))(x)
-    return x[:, 1:]
+                 bias_init=_p(nn.initializers.zeros, "patch"))(hidden)
+    return (x[:, 1:], hidden[:, 1:]) if self.return_hidden else x[:, 1:]
 
 
 class MAE(nn.Module):
@@ -217,7 +219,9 @@ class MAEConfig:
   """The MAE hyper-parameters: built from ``config.model``, saved with every checkpoint, read back from it.
 
   ``to_json`` is what a checkpoint stores; ``from_json`` reads it back (and the configs of older checkpoints
-  and of ``maejax.convert``, which hold a subset of these fields; None means the default).
+  and of ``maejax.convert``, which hold a subset of these fields; None means the default). ``objective`` (the
+  pretraining objective, ``config.model.objective``) and ``objective_config`` (its settings, saved beside these
+  fields by the other objectives) are read past: the encoder is an MAE encoder whatever trained it.
   """
 
   img_size: int = 224  # image side in pixels (square images)
@@ -255,16 +259,17 @@ class MAEConfig:
   @classmethod
   def from_json(cls, saved: Mapping[str, Any]) -> MAEConfig:
     """From a saved model config (``to_json`` output, or a subset of it); None entries take the default."""
-    cls._check_keys(saved, "MAE model config")
-    return cls(**{k: v for k, v in saved.items() if v is not None})
+    cls._check_keys(saved, "MAE model config", extra=OBJECTIVE_KEYS)
+    return cls(**{k: v for k, v in saved.items() if v is not None and k not in OBJECTIVE_KEYS})
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any]) -> MAEConfig:
     """From ``config.model``: these fields plus ``size`` (``"B"``, ``"L"``, ``"H"``, … of :func:`vit_size`),
     which fills width / depth / num_heads that are None or absent."""
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    cls._check_keys(cfg, "config.model", extra=("size",))
+    cls._check_keys(cfg, "config.model", extra=("size", "objective"))
     size = cfg.pop("size", None)
+    cfg.pop("objective", None)
     given = {k: v for k, v in cfg.items() if v is not None}
     return cls(**{**(vit_size(size) if size else {}), **given})
 
@@ -279,6 +284,24 @@ class MAEConfig:
     """The :class:`MAE` of this config, with ``overrides`` (fields of this class; None ones are ignored)."""
     cfg = self.replace(**{k: v for k, v in overrides.items() if v is not None})
     return MAE(**{**cfg.to_json(), "dtype": jnp.dtype(cfg.dtype)})
+
+  def build_encoder(self, **overrides) -> ViT:
+    """The :class:`ViT` encoder of this config (the one :class:`MAE` builds), ``overrides`` as ViT fields."""
+    kw = dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans, width=self.width,
+              depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, drop_path=self.drop_path,
+              dtype=jnp.dtype(self.dtype), remat=self.remat, attention=self.attention)
+    return ViT(**{**kw, **overrides})
+
+  def build_decoder(self, patch_dim: int | None = None, **overrides) -> Decoder:
+    """The MAE :class:`Decoder` of this config predicting ``patch_dim`` values per patch (default p²·C)."""
+    kw = dict(num_patches=(self.img_size // self.patch_size) ** 2,
+              patch_dim=patch_dim or self.patch_size**2 * self.in_chans, width=self.decoder_width,
+              depth=self.decoder_depth, num_heads=self.decoder_heads, mlp_ratio=self.mlp_ratio,
+              dtype=jnp.dtype(self.dtype), remat=self.remat, attention=self.attention)
+    return Decoder(**{**kw, **overrides})
+
+
+OBJECTIVE_KEYS = ("objective", "objective_config")
 
 
 def count_params(params) -> int:

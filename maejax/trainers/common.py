@@ -112,12 +112,110 @@ def _scale_by_tree(multipliers: PyTree) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+# -------------------------------------------------------------------------------------------------- EMA
+# A momentum (EMA) copy of some parameters, for self-teachers (BootMAE, SdAE; BYOL, DINO, MoCo v3).
+# Kept in ``TrainState.extra["ema"] = {"params": ξ, "step": s}``: ``ξ`` is sharded as the parameters it copies,
+# checkpointed and restored with the rest of the state; ``s`` = optimizer steps taken (the update index and the
+# objectives' ramps read it). Updated after the optimizer step, from the new parameters θ_{t+1} (timm ModelEma).
+
+EMA_SCHEDULES = ("constant", "knots", "cosine")
+
+
+def ema_momentum_schedule(kind: str = "constant", m0: float = 0.996, m1: float = 1.0, num_updates: int = 1,
+                          knots: Sequence[float] = (), values: Sequence[float] = ()) -> optax.Schedule:
+  """Momentum ``m(i)`` of EMA update ``i = 0, 1, …`` (an optax-style schedule).
+
+  * ``"constant"``: ``m(i) = m0``.
+  * ``"knots"``: piecewise linear through ``(knots[j], values[j])`` (knots in updates, increasing), constant
+    outside; BootMAE's ``0.999 → 0.9999`` over the first 100 epochs, then ``→ 0.99999`` over 300 more, is
+    ``knots=(0, 100·n_ep, 400·n_ep), values=(0.999, 0.9999, 0.99999)``; a stepwise schedule repeats a knot
+    (``knots=(0, 5, 5), values=(a, a, b)``).
+  * ``"cosine"``: ``m(i) = m1 + ½ (m0 − m1)(1 + cos(π i / n))`` for ``i < n = num_updates``, then ``m1``:
+    from ``m0`` to ``m1``; ``m1 = 1`` is BYOL / DINO's ``1 − (1 − m0)(cos(π i/n) + 1)/2``; SdAE's per-epoch
+    schedule is ``m0 = 0.96, m1 = 0.99``, ``n`` = epochs.
+  """
+  if kind == "constant":
+    return lambda i: jnp.asarray(m0, jnp.float32)
+  if kind == "knots":
+    if len(knots) != len(values) or not knots:
+      raise ValueError(f"ema knots {tuple(knots)} and values {tuple(values)} must be non-empty and of equal length")
+    if any(b < a for a, b in zip(knots[:-1], knots[1:], strict=True)):
+      raise ValueError(f"ema knots must be non-decreasing, got {tuple(knots)}")
+    x = np.asarray(knots, np.float64)
+    y = np.asarray(values, np.float64)
+
+    def knotted(i):
+      i = jnp.asarray(i, jnp.float32)
+      # Linear between consecutive knots; a repeated knot is a step (the later value from that update on).
+      out = jnp.asarray(y[0], jnp.float32)
+      for j in range(1, len(x)):
+        span = max(x[j] - x[j - 1], 0.0)
+        t = jnp.clip((i - x[j - 1]) / span, 0.0, 1.0) if span > 0 else (i >= x[j]).astype(jnp.float32)
+        out = jnp.where(i >= x[j - 1], y[j - 1] + (y[j] - y[j - 1]) * t, out)
+      return out
+
+    return knotted
+  if kind == "cosine":
+    n = max(int(num_updates), 1)
+
+    def cosine(i):
+      t = jnp.minimum(jnp.asarray(i, jnp.float32), n) / n
+      return (m1 + 0.5 * (m0 - m1) * (1.0 + jnp.cos(jnp.pi * t))).astype(jnp.float32)
+
+    return cosine
+  raise ValueError(f"unknown ema schedule {kind!r}; expected one of {EMA_SCHEDULES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMA:
+  """Which parameters get a momentum copy, how often it is updated and with what momentum.
+
+  Every ``every`` optimizer steps (after step ``s`` with ``s % every == 0``; update index ``i = s / every − 1``):
+  ``ξ ← m(i)·ξ + (1 − m(i))·θ`` over the parameter subtrees named in ``keys`` (``()`` = all parameters).
+  ``ξ₀ = θ₀`` (the copy starts as the initial, possibly warm-started, parameters).
+  """
+
+  schedule: optax.Schedule
+  every: int = 1
+  keys: tuple[str, ...] = ()
+
+  def select(self, params: PyTree) -> PyTree:
+    """The subtree of ``params`` that is tracked (``{key: params[key]}``, or all of it)."""
+    if not self.keys:
+      return params
+    missing = [k for k in self.keys if k not in params]
+    if missing:
+      raise ValueError(f"EMA keys {missing} are not top-level parameter names; expected some of {sorted(params)}")
+    return {k: params[k] for k in self.keys}
+
+  def init(self, params: PyTree) -> dict[str, Any]:
+    return {"params": self.select(params), "step": jnp.zeros((), jnp.int32)}
+
+  def update(self, ema_state: Mapping[str, Any], params: PyTree) -> dict[str, Any]:
+    """One optimizer step later: the step count advances; every ``every`` steps the copy moves towards the
+    (new) parameters."""
+    step = ema_state["step"] + 1
+    i = step // self.every - 1
+    m = jnp.where(step % self.every == 0, self.schedule(i), 1.0).astype(jnp.float32)
+    new = jax.tree_util.tree_map(lambda e, p: ema_update(e, p, m), ema_state["params"],
+                                 jax.lax.stop_gradient(self.select(params)))
+    return {"params": new, "step": step}
+
+
+def ema_update(ema: jax.Array, param: jax.Array, momentum: jax.Array) -> jax.Array:
+  """``ξ ← m·ξ + (1 − m)·θ`` in the parameter's dtype (``m = 1`` leaves ``ξ`` unchanged bit for bit)."""
+  m = momentum.astype(ema.dtype)
+  return jnp.where(momentum == 1.0, ema, m * ema + (1 - m) * param.astype(ema.dtype))
+
+
 # ------------------------------------------------------------------------------------------------- step
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum_steps: int = 1):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                    ema: EMA | None = None):
   """``step(state, batch) -> (state, metrics)``: fold the step into the rng, average gradients over
-  ``grad_accum_steps`` micro-batches (a scan, so memory is one micro-batch), apply AdamW."""
+  ``grad_accum_steps`` micro-batches (a scan, so memory is one micro-batch), apply AdamW, then (``ema``) move
+  the momentum copy in ``extra["ema"]`` towards the new parameters."""
 
   def grads_and_metrics(params, extra, batch, rng):
     (_, (metrics, new_extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, extra, batch, rng)
@@ -144,6 +242,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accu
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    if ema is not None:
+      extra = dict(extra, ema=ema.update(extra["ema"], params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
   return step
@@ -162,13 +262,15 @@ class Trainer:
 def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: optax.GradientTransformation,
                    mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]], seed: int,
                    grad_accum_steps: int = 1, init_params: PyTree | None = None,
-                   frozen: PyTree | None = None) -> Trainer:
+                   frozen: PyTree | None = None, ema: EMA | None = None) -> Trainer:
   """Builds the sharded state (params from ``init_fn(rng) -> variables`` or ``init_params``) and the step.
 
   ``init_fn`` returns flax variables (boxed with logical axes): ``{"params": …, other collections…}``.
   ``frozen``: device arrays the loss reads but never trains (a teacher); passed to the jitted step as an
   argument — never baked into the program as constants, never checkpointed — and to the loss as
   ``loss_fn(params, extra, batch, rng, frozen)``.
+  ``ema``: keep a momentum copy of (some of) the params in ``extra["ema"]`` (see :class:`EMA`), started from the
+  initial params (after ``init_params``); the loss reads it there and must return it unchanged.
   """
   root = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(root)
@@ -184,6 +286,10 @@ def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: 
   params, extra = jax.jit(init_variables, out_shardings=(p_sh, extra_sh))(init_rng)
   if init_params is not None:
     params = _overlay(params, init_params, p_sh)
+  if ema is not None:
+    ema_sh = {"params": ema.select(p_sh), "step": replicated(mesh)}
+    extra = dict(extra, ema=jax.jit(ema.init, out_shardings=ema_sh)(params))
+    extra_sh = dict(extra_sh, ema=ema_sh)
   opt_abstract = jax.eval_shape(tx.init, params)
   rep = replicated(mesh)
   # Frozen params (``trainable``) leave optax.MaskedNode (no leaves) in the optimizer state: keep it as is.
@@ -196,13 +302,13 @@ def create_trainer(init_fn: Callable[[jax.Array], PyTree], loss_fn: LossFn, tx: 
   shardings = TrainState(step=rep, params=p_sh, opt_state=opt_sh, rng=rep, extra=extra_sh)
   bsh = batch_sharding(mesh)
   if frozen is None:
-    step = make_train_step(loss_fn, tx, grad_accum_steps)
+    step = make_train_step(loss_fn, tx, grad_accum_steps, ema)
     jitted = jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, rep), donate_argnums=(0,))
     return Trainer(mesh=mesh, state=state, state_shardings=shardings, step_fn=jitted)
 
   def step_with_frozen(state, batch, frozen_values):
     bound = lambda p, e, b, r: loss_fn(p, e, b, r, frozen_values)
-    return make_train_step(bound, tx, grad_accum_steps)(state, batch)
+    return make_train_step(bound, tx, grad_accum_steps, ema)(state, batch)
 
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   jitted = jax.jit(step_with_frozen, in_shardings=(shardings, bsh, frozen_sh), out_shardings=(shardings, rep),
