@@ -92,7 +92,7 @@ def built(tmp_path_factory):
   manual = tmp_path_factory.mktemp("bp4d_manual")
   truth = make_bp4d(manual)
   data_dir = tmp_path_factory.mktemp("bp4d_data")
-  builder = prepare("bp4d", manual, data_dir)
+  builder = prepare("bp4d", manual, data_dir, align="center")
   return builder, truth, data_dir
 
 
@@ -196,8 +196,8 @@ def test_corrupt_image_raises_then_is_counted_with_skip_bad(tmp_path):
   bad_path = truth[("M011", "T1", 11)]["path"]
   corrupt(bad_path)
   with pytest.raises(ValueError, match=re.escape(str(bad_path))):
-    prepare("bp4d", manual, tmp_path / "data1")
-  builder = prepare("bp4d", manual, tmp_path / "data2", skip_bad=True)
+    prepare("bp4d", manual, tmp_path / "data1", align="center")
+  builder = prepare("bp4d", manual, tmp_path / "data2", skip_bad=True, align="center")
   assert builder.bad.count == 1 and str(bad_path) in builder.bad.examples[0]
   assert builder.info.splits["part1"].num_examples == 3
   assert builder.info.splits["part2"].num_examples == 2
@@ -219,7 +219,7 @@ def test_landmarks_crop(tmp_path):
   rows = ["frame," + ",".join(f"x{i},y{i}" for i in range(5))]
   rows += [f"{f}," + ",".join(f"{v:g}" for v in points.ravel()) for f in (10, 11)]
   (lm / "F001_T1.csv").write_text("\n".join(rows) + "\n")
-  builder = prepare("bp4d", manual, tmp_path / "data", landmarks_dir="landmarks")
+  builder = prepare("bp4d", manual, tmp_path / "data", landmarks_dir="landmarks", align="landmarks")
   record = next(r for r in builder.as_data_source(split="part1") if r["frame"] == 10)
   # Independent expectation: square of side 1.4 x max(extent) = 28 centred on the box centre (30, 11).
   side = 1.4 * 20
@@ -246,7 +246,8 @@ def test_prepare_cli(tmp_path):
   corrupt(truth[("F001", "T1", 11)]["path"])
   repo = Path(__file__).resolve().parents[1]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=bp4d", f"--manual_dir={manual}"]
+  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=bp4d", f"--manual_dir={manual}",
+         "--align=center"]
   failed = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd1'}"], capture_output=True, text=True, env=env)
   assert failed.returncode != 0 and "0011.jpg" in failed.stderr and "--skip_bad" in failed.stderr
   ok = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd2'}", "--skip_bad"], capture_output=True, text=True,

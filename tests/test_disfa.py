@@ -84,7 +84,7 @@ def built(tmp_path_factory):
   manual = tmp_path_factory.mktemp("disfa_manual")
   truth = make_disfa(manual)
   data_dir = tmp_path_factory.mktemp("disfa_data")
-  return prepare("disfa", manual, data_dir), truth, data_dir
+  return prepare("disfa", manual, data_dir, align="center"), truth, data_dir
 
 
 def test_build_and_read_back_frames(built):
@@ -108,7 +108,7 @@ def test_build_and_read_back_frames(built):
 def test_build_from_video(tmp_path):
   manual = tmp_path / "manual"
   truth = make_disfa(manual, subjects=("SN001", "SN013"), n_frames=4, layout="video")
-  builder = prepare("disfa", manual, tmp_path / "data")
+  builder = prepare("disfa", manual, tmp_path / "data", align="center")
   assert _check(builder.as_data_source(split="part1"), truth, "SN001") == {1, 2, 3, 4}
   assert _check(builder.as_data_source(split="part2"), truth, "SN013") == {1, 2, 3, 4}
   assert builder.num_unlabelled_images == 2  # one trailing unlabelled video frame per subject
@@ -122,12 +122,13 @@ def test_video_shorter_than_labels(tmp_path):
     path = manual / f"ActionUnit_Labels/SN001/SN001_au{au}.txt"
     path.write_text(path.read_text() + "4,0\n5,0\n")
   with pytest.raises(FileNotFoundError, match=r"LeftVideoSN001_comp.avi has 4 frames .* 1 labelled"):
-    prepare("disfa", manual, tmp_path / "data1")
-  builder = prepare("disfa", manual, tmp_path / "data2", skip_bad=True)
+    prepare("disfa", manual, tmp_path / "data1", align="center")
+  builder = prepare("disfa", manual, tmp_path / "data2", skip_bad=True, align="center")
   assert builder.bad.count == 1 and builder.info.splits["part1"].num_examples == 4
 
 
 def _scan(manual, **kwargs):
+  kwargs.setdefault("align", "landmarks" if "landmarks_dir" in kwargs else "detect")
   builder = Disfa(data_dir=str(manual / "_unused"), **kwargs)
   return builder, builder.scan(manual)
 
@@ -179,8 +180,8 @@ def test_corrupt_frame(tmp_path):
   bad_path = truth[("SN001", 3)]["path"]
   corrupt(bad_path)
   with pytest.raises(ValueError, match=re.escape(str(bad_path))):
-    prepare("disfa", manual, tmp_path / "data1")
-  builder = prepare("disfa", manual, tmp_path / "data2", skip_bad=True)
+    prepare("disfa", manual, tmp_path / "data1", align="center")
+  builder = prepare("disfa", manual, tmp_path / "data2", skip_bad=True, align="center")
   assert builder.bad.count == 1 and str(bad_path) in builder.bad.examples[0]
   assert sorted(int(r["frame"]) for r in builder.as_data_source(split="part1")) == [1, 2]
   assert builder.info.splits["part2"].num_examples == 3
@@ -246,7 +247,7 @@ def test_zero_based_frames_are_refused_by_default(tmp_path, image_name, skip_bad
 def test_zero_based_frames_are_refused_by_prepare_with_skip_bad(tmp_path):
   make_disfa(tmp_path / "manual", n_frames=2, image_base=0)
   with pytest.raises(ValueError, match="--frame_index_base=0"):
-    prepare("disfa", tmp_path / "manual", tmp_path / "data", skip_bad=True)
+    prepare("disfa", tmp_path / "manual", tmp_path / "data", skip_bad=True, align="center")
 
 
 @pytest.mark.parametrize("image_name", ZERO_BASED_NAMES)
@@ -257,7 +258,7 @@ def test_zero_based_frames_with_frame_index_base_0(tmp_path, image_name):
   for items in plans.values():  # label frame f is read from the image numbered f - 1
     assert [(it[3], it[6]) for it in items] == [(f, ("image", truth[(it[1], f)]["path"]))
                                                 for it, f in zip(items, (1, 2, 3, 4), strict=True)]
-  builder = prepare("disfa", manual, tmp_path / "data", frame_index_base=0)
+  builder = prepare("disfa", manual, tmp_path / "data", frame_index_base=0, align="center")
   for part, subject in zip((1, 2, 3), ("SN001", "SN013", "SN003"), strict=True):
     # Pixels against the colour written for each label frame: a shift by one frame fails here.
     assert _check(builder.as_data_source(split=f"part{part}"), truth, subject) == {1, 2, 3, 4}
@@ -279,7 +280,8 @@ def test_prepare_cli_frame_index_base(tmp_path):
   truth = make_disfa(manual, subjects=("SN001",), n_frames=2, image_base=0, image_name="frame_{:06d}.jpg")
   repo = Path(__file__).resolve().parents[1]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
-  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=disfa", f"--manual_dir={manual}"]
+  cmd = [sys.executable, "-m", "maejax.data.prepare", "--dataset=disfa", f"--manual_dir={manual}",
+         "--align=center"]
   refused = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd1'}", "--skip_bad"], capture_output=True, text=True,
                            env=env)
   assert refused.returncode != 0 and "--frame_index_base=0" in refused.stderr

@@ -1,7 +1,9 @@
 """BP4D-Spontaneous AU occurrence as a TFDS builder (array_record, random access for grain).
 
 Reads the official folder layout from the manual directory (see `Bp4d.MANUAL_DOWNLOAD_INSTRUCTIONS`), crops
-each labelled frame to a 256×256 face and writes one split per subject part of the 3-fold protocol
+each labelled frame to a 256×256 face (`align`: "detect" (default) = the largest BlazeFace face, FFHQ-style square,
+detections cached per sequence; "landmarks" = 1.4 × the box of the dataset's points; "center" = the centred square;
+see `images.FaceCropper`) and writes one split per subject part of the 3-fold protocol
 (`maejax.data.folds`): `part1`, `part2`, `part3`. Fold splits are compositions: fold 1 = train "part1+part2",
 test "part3", etc. (`folds.fold_split`). Build with `python -m maejax.data.prepare --dataset=bp4d
 --manual_dir=... --data_dir=...`.
@@ -10,6 +12,7 @@ Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (12,)           occurrence of AUs 1 2 4 6 7 10 12 14 15 17 23 24: 1, 0, −1 = unscored (9)
   au_intensity float32 (12,)        −1 (BP4D occurrence files carry no intensity)
+  landmarks    float32 (5, 2)       eyes, nose tip, mouth corners in the crop (align="detect"), else −1 (unknown)
   subject      int32                index in folds.BP4D_SUBJECTS (int, like synthfaces)
   subject_id   string               "F001"
   task         string               "T1".."T8"
@@ -33,13 +36,17 @@ from maejax.data import folds
 from maejax.data.images import (
   IMAGE_EXTS,
   BadInputs,
+  FaceAligner,
+  FaceCropper,
   au_features,
+  check_align,
+  detection_cache_dir,
   encode_image,
-  face_crop,
   index_frames,
   landmarks_folder,
   load_rgb,
   read_landmarks_csv,
+  source_id,
 )
 
 log = logging.getLogger(__name__)
@@ -63,10 +70,12 @@ names end in the frame numbers of the CSV's column 0, zero-padded or not (0012.j
 Every label file needs its image folder and every labelled frame its image. Images with no label row (BP4D
 codes a segment of each task) are not examples; their count is logged.
 
-Optional landmarks (face boxes from the dataset's tracked points): landmarks_dir=... / --landmarks_dir=...
+Crops (align=... / --align=...): "detect" (default) finds the largest face with BlazeFace (pip install
+'maejax[faces]') and cuts its FFHQ-style square; frames without a face are left out and listed in no_face.txt
+next to the dataset. "landmarks" uses the dataset's tracked points: landmarks_dir=... / --landmarks_dir=...
 holding <subject>_<task>.csv, lines `frame,x1,y1,...,xK,yK` in source-image pixels (optional header line
-starting with "frame"). The crop is then a square of 1.4 × the landmarks' bounding-box size centred on it;
-without landmarks it is the centred square of the image. Either is resized to 256×256.
+starting with "frame"); the crop is a square of 1.4 × the landmarks' bounding-box size centred on it. "center"
+is the centred square of the image, for frames that already are face crops. Each is resized to 256×256.
 """
 
 
@@ -164,8 +173,12 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
   """BP4D-Spontaneous AU occurrence, one split per fold part: part1, part2, part3."""
 
   name = "bp4d"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "AU_OCC labels, 12 AUs, 256×256 face crops, per-part splits."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "AU_OCC labels, 12 AUs, 256×256 face crops, per-part splits.",
+    "2.0.0": "Crops from BlazeFace detection (align='detect', FFHQ-style square) by default; `landmarks` feature "
+             "(5, 2) in the crop; frames without a face listed in no_face.txt.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   @tfds.core.utils.classproperty
@@ -174,13 +187,18 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
     # tfds' default resolves the path through `importlib_resources`, a package tfds does not install.
     return epath.Path(inspect.getfile(cls))
 
-  def __init__(self, *, skip_bad: bool = False, images_subdir: str = "2D+3D",
-               landmarks_dir: str | os.PathLike | None = None, **kwargs):
+  def __init__(self, *, skip_bad: bool = False, images_subdir: str = "2D+3D", align: str = "detect",
+               aligner: FaceAligner | None = None, landmarks_dir: str | os.PathLike | None = None, **kwargs):
     """skip_bad: count and log bad inputs instead of raising. images_subdir: folder of per-frame images under
-    the manual dir. landmarks_dir: optional landmarks folder (absolute, or relative to the manual dir)."""
+    the manual dir. align: one of images.ALIGNS; aligner: the face aligner of align="detect" (needed to build,
+    not to read); landmarks_dir: the landmarks folder of align="landmarks" (absolute, or relative to the manual
+    dir)."""
+    check_align(align, landmarks_dir)
     self.skip_bad = skip_bad
     self.images_subdir = images_subdir
+    self.align, self.aligner = align, aligner
     self.landmarks_dir = landmarks_dir
+    self.cropper: FaceCropper | None = None
     self.bad = BadInputs(skip_bad, what="BP4D inputs")
     self.num_unlabelled_images = 0
     kwargs.setdefault("file_format", "array_record")
@@ -193,11 +211,13 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
       description="BP4D-Spontaneous facial action unit occurrence (12 AUs), 256×256 face crops.",
       features=au_features(n, IMAGE_SIZE),
       homepage="https://www.cs.binghamton.edu/~lijun/Research/3DFE/3DFE_Analysis.html",
-      metadata=tfds.core.MetadataDict(aus=list(folds.BP4D_AUS), parts=[list(p) for p in folds.BP4D_PARTS]),
+      metadata=tfds.core.MetadataDict(aus=list(folds.BP4D_AUS), parts=[list(p) for p in folds.BP4D_PARTS],
+                                      align=self.align),
     )
 
   def _split_generators(self, dl_manager):
     plans = self.scan(Path(dl_manager.manual_dir))
+    self.cropper = FaceCropper(self.align, self.aligner, detection_cache_dir(dl_manager, self.name), IMAGE_SIZE)
     return folds.part_splits(plans, self._generate_examples, "BP4D")
 
   def scan(self, manual_dir: Path) -> dict[int, list[tuple]]:
@@ -296,10 +316,14 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
       except (FileNotFoundError, ValueError) as e:
         self.bad.report(e, image_path)
         continue
+      cropped = self.cropper(f"{subject}_{task}", frame, source_id(image_path), image, points, str(image_path))
+      if cropped is None:
+        continue
       yield key, {
-        "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
+        "image": encode_image(cropped[0]),
         "au": au,
         "au_intensity": nan_intensity,
+        "landmarks": cropped[1],
         "subject": s_index,
         "subject_id": subject,
         "task": task,
@@ -307,5 +331,12 @@ class Bp4d(tfds.core.GeneratorBasedBuilder):
       }
 
   def download_and_prepare(self, *args, **kwargs):
-    super().download_and_prepare(*args, **kwargs)
+    try:
+      super().download_and_prepare(*args, **kwargs)
+    finally:
+      if self.cropper is not None:
+        self.cropper.save()
+    if self.cropper is not None:
+      self.cropper.finish(self.data_dir, "BP4D")
     self.bad.log()
+

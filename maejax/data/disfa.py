@@ -3,13 +3,16 @@
 Reads the official layout from the manual directory (see `Disfa.MANUAL_DOWNLOAD_INSTRUCTIONS`): left-camera
 frames either extracted to `frames/<subject>/<frame>.png|jpg` (preferred when present) or decoded from
 `Videos_LeftCamera/LeftVideo<subject>_comp.avi` (needs PyAV `pip install av`, or OpenCV). Each labelled frame
-is cropped to a 256×256 face; one split per subject part of the 3-fold protocol: `part1`, `part2`, `part3`
+is cropped to a 256×256 face (`align`: "detect" (default) = the largest BlazeFace face, FFHQ-style square,
+detections cached per subject; "landmarks" = 1.4 × the box of the dataset's points; "center" = the centred
+square; see `images.FaceCropper`); one split per subject part of the 3-fold protocol: `part1`, `part2`, `part3`
 (fold k = `folds.fold_split(k, "train" | "test")`, e.g. fold 1 trains on "part1+part2" and tests on "part3").
 
 Record (one per labelled frame):
   image        uint8 (256, 256, 3)  JPEG-encoded on disk (quality 95, 4:4:4)
   au           int8 (8,)            occurrence of AUs 1 2 4 6 9 12 25 26: 1 if intensity >= 2 else 0
   au_intensity float32 (8,)         the labelled intensity 0..5
+  landmarks    float32 (5, 2)       eyes, nose tip, mouth corners in the crop (align="detect"), else −1 (unknown)
   subject      int32                index in folds.DISFA_SUBJECTS (int, like synthfaces)
   subject_id   string               "SN001"
   task         string               "" (DISFA has no tasks)
@@ -33,13 +36,17 @@ from maejax.data import folds
 from maejax.data.images import (
   IMAGE_EXTS,
   BadInputs,
+  FaceAligner,
+  FaceCropper,
   au_features,
+  check_align,
+  detection_cache_dir,
   encode_image,
-  face_crop,
   index_frames,
   landmarks_folder,
   load_rgb,
   read_landmarks_csv,
+  source_id,
 )
 
 log = logging.getLogger(__name__)
@@ -69,10 +76,12 @@ Put the licensed DISFA release in the manual directory (--manual_dir) like this:
 All 8 AU files (AUs 1 2 4 6 9 12 25 26) are needed per subject, labelling the same frames. Frames with no
 label line are not examples; their count is logged.
 
-Optional landmarks: landmarks_dir=... / --landmarks_dir=... holding <subject>.csv, lines
-`frame,x1,y1,...,xK,yK` in source-image pixels (optional header line starting with "frame"). The crop is then
-a square of 1.4 × the landmarks' bounding-box size centred on it; without landmarks it is the centred square.
-Resized to 256×256.
+Crops (align=... / --align=...): "detect" (default) finds the largest face with BlazeFace (pip install
+'maejax[faces]') and cuts its FFHQ-style square; frames without a face are left out and listed in no_face.txt
+next to the dataset. "landmarks" uses landmarks_dir=... / --landmarks_dir=... holding <subject>.csv, lines
+`frame,x1,y1,...,xK,yK` in source-image pixels (optional header line starting with "frame"): a square of 1.4 ×
+the landmarks' bounding-box size centred on it. "center" is the centred square, for frames that already are
+face crops. Resized to 256×256.
 """
 
 
@@ -163,8 +172,12 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
   """DISFA AU intensity (0..5) and occurrence (>= 2), one split per fold part: part1, part2, part3."""
 
   name = "disfa"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Left camera, 8 AUs with intensity, 256×256 face crops, per-part splits."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Left camera, 8 AUs with intensity, 256×256 face crops, per-part splits.",
+    "2.0.0": "Crops from BlazeFace detection (align='detect', FFHQ-style square) by default; `landmarks` feature "
+             "(5, 2) in the crop; frames without a face listed in no_face.txt.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
   @tfds.core.utils.classproperty
@@ -173,16 +186,21 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
     # tfds' default resolves the path through `importlib_resources`, a package tfds does not install.
     return epath.Path(inspect.getfile(cls))
 
-  def __init__(self, *, skip_bad: bool = False, landmarks_dir: str | os.PathLike | None = None,
-               frame_index_base: int = 1, **kwargs):
-    """skip_bad: count and log bad inputs instead of raising. landmarks_dir: optional landmarks folder
-    (absolute, or relative to the manual dir). frame_index_base: number of the first extracted frame image
-    (`frames/<subject>/`); 1 (DISFA's label numbering) or 0, which pairs image i with label frame i + 1."""
+  def __init__(self, *, skip_bad: bool = False, align: str = "detect", aligner: FaceAligner | None = None,
+               landmarks_dir: str | os.PathLike | None = None, frame_index_base: int = 1, **kwargs):
+    """skip_bad: count and log bad inputs instead of raising. align: one of images.ALIGNS; aligner: the face
+    aligner of align="detect" (needed to build, not to read); landmarks_dir: the landmarks folder of
+    align="landmarks" (absolute, or relative to the manual dir). frame_index_base: number of the first
+    extracted frame image (`frames/<subject>/`); 1 (DISFA's label numbering) or 0, which pairs image i with
+    label frame i + 1."""
     if frame_index_base not in (0, 1):
       raise ValueError(f"frame_index_base must be 0 or 1 (the number of the first frame image), got "
                        f"{frame_index_base!r}")
+    check_align(align, landmarks_dir)
     self.skip_bad = skip_bad
+    self.align, self.aligner = align, aligner
     self.landmarks_dir = landmarks_dir
+    self.cropper: FaceCropper | None = None
     self.frame_index_base = frame_index_base
     self.bad = BadInputs(skip_bad, what="DISFA inputs")
     self.num_unlabelled_images = 0
@@ -196,11 +214,13 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
       description="DISFA facial action unit intensity and occurrence (8 AUs), left camera, 256×256 crops.",
       features=au_features(n, IMAGE_SIZE),
       homepage="http://mohammadmahoor.com/disfa/",
-      metadata=tfds.core.MetadataDict(aus=list(folds.DISFA_AUS), parts=[list(p) for p in folds.DISFA_PARTS]),
+      metadata=tfds.core.MetadataDict(aus=list(folds.DISFA_AUS), parts=[list(p) for p in folds.DISFA_PARTS],
+                                      align=self.align),
     )
 
   def _split_generators(self, dl_manager):
     plans = self.scan(Path(dl_manager.manual_dir))
+    self.cropper = FaceCropper(self.align, self.aligner, detection_cache_dir(dl_manager, self.name), IMAGE_SIZE)
     return folds.part_splits(plans, self._generate_examples, "DISFA")
 
   def _read_subject_labels(self, labels_dir: Path, subject: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -391,11 +411,17 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, plan):
     for item, image in self._images(plan):
-      key, subject, s_index, frame, au, intensity, _, points = item
+      key, subject, s_index, frame, au, intensity, source, points = item
+      src = source_id(source[1]) if source[0] == "image" else source_id(source[1], source[2])
+      where = str(source[1]) if source[0] == "image" else f"{source[1]}#frame{source[2]}"
+      cropped = self.cropper(subject, frame, src, image, points, where)
+      if cropped is None:
+        continue
       yield key, {
-        "image": encode_image(face_crop(image, points, IMAGE_SIZE)),
+        "image": encode_image(cropped[0]),
         "au": au,
         "au_intensity": intensity,
+        "landmarks": cropped[1],
         "subject": s_index,
         "subject_id": subject,
         "task": "",
@@ -403,5 +429,11 @@ class Disfa(tfds.core.GeneratorBasedBuilder):
       }
 
   def download_and_prepare(self, *args, **kwargs):
-    super().download_and_prepare(*args, **kwargs)
+    try:
+      super().download_and_prepare(*args, **kwargs)
+    finally:
+      if self.cropper is not None:
+        self.cropper.save()
+    if self.cropper is not None:
+      self.cropper.finish(self.data_dir, "DISFA")
     self.bad.log()

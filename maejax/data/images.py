@@ -17,12 +17,14 @@ it; only when the caller passes `skip_bad=True` is it skipped, and every skip is
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -174,6 +176,163 @@ def face_crop(image: np.ndarray, points: np.ndarray | None, size: int = 256) -> 
   else:
     box = landmark_box(points)
   return crop_resize(image, box, size)
+
+
+ALIGNS = ("detect", "landmarks", "center")  # how the AU builders crop a frame: see FaceCropper
+NO_FACE_FILE = "no_face.txt"
+NUM_KEYPOINTS = 5  # record landmarks: eye (image-left), eye, nose tip, mouth corners (occlusion.py's order)
+UNKNOWN_LANDMARKS = np.full((NUM_KEYPOINTS, 2), -1.0, np.float32)  # au_pipeline reads −1 rows as "unknown"
+
+
+class FaceAligner(Protocol):
+  """What ``align="detect"`` needs (``maejax.faces.FrameAligner`` is one): ``detect(image)`` → the largest face as
+  a JSON-ready dict or None; ``crop(image, detection, size)`` → ``(crop uint8 (size, size, 3), keypoints (5, 2)
+  float32 in the crop)``; ``signature`` names the models, so cached detections of other models are not reused."""
+
+  signature: str
+
+  def detect(self, image: np.ndarray) -> dict | None: ...
+
+  def crop(self, image: np.ndarray, detection: dict, size: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class DetectionCache:
+  """Face detections of a dataset, one JSON file per sequence (``<folder>/<sequence>.json``): ``{"signature",
+  "frames": {frame: {"src", "det"}}}``. ``src`` identifies the source pixels (file name and size, plus the frame
+  index for a video): an entry is reused only when the signature and ``src`` match, so a changed image or other
+  detector models detect again. ``det`` None = no face found."""
+
+  def __init__(self, folder: str | os.PathLike, signature: str):
+    self.folder = Path(folder)
+    self.signature = signature
+    self._tables: dict[str, dict] = {}
+    self._dirty: set[str] = set()
+
+  def _table(self, sequence: str) -> dict:
+    if sequence not in self._tables:
+      table = {}
+      path = self.folder / f"{sequence}.json"
+      if path.is_file():
+        try:
+          with open(path) as f:
+            saved = json.load(f)
+          if saved.get("signature") == self.signature:
+            table = saved.get("frames", {})
+        except (OSError, ValueError):
+          log.warning("%s: unreadable detection cache, detecting again", path)
+      self._tables[sequence] = table
+    return self._tables[sequence]
+
+  def lookup(self, sequence: str, frame: int, src: str) -> tuple[bool, dict | None]:
+    """``(found, detection)`` of a frame."""
+    entry = self._table(sequence).get(str(frame))
+    if entry is None or entry.get("src") != src:
+      return False, None
+    return True, entry.get("det")
+
+  def store(self, sequence: str, frame: int, src: str, det: dict | None) -> None:
+    self._table(sequence)[str(frame)] = {"src": src, "det": det}
+    self._dirty.add(sequence)
+
+  def save(self) -> None:
+    """Writes the changed sequences (each atomically: a cache file is either the old one or the new one)."""
+    if not self._dirty:
+      return
+    self.folder.mkdir(parents=True, exist_ok=True)
+    for sequence in sorted(self._dirty):
+      fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f"{sequence}.json.")
+      with os.fdopen(fd, "w") as f:
+        json.dump({"signature": self.signature, "frames": self._tables[sequence]}, f)
+      os.replace(tmp, self.folder / f"{sequence}.json")
+    self._dirty.clear()
+
+
+def source_id(path: str | os.PathLike, index: int | None = None) -> str:
+  """``src`` of :class:`DetectionCache`: the file's name and size (and frame index in a video)."""
+  path = Path(path)
+  out = f"{path.name}:{path.stat().st_size}"
+  return out if index is None else f"{out}:{index}"
+
+
+class FaceCropper:
+  """The face crop of an AU dataset frame, by ``align`` (one of :data:`ALIGNS`):
+
+  * ``"detect"``: the largest face found by ``aligner`` (:class:`FaceAligner`), its FFHQ-style square; the
+    detections are cached per sequence in ``cache_dir`` (:class:`DetectionCache`), so a rebuild does not detect
+    again. Record landmarks: the keypoints in the crop. A frame without a face has no record: it is counted and
+    listed (``no_face``; :meth:`finish` writes :data:`NO_FACE_FILE`).
+  * ``"landmarks"``: the 1.4 × landmark-box square of the dataset's own points (:func:`face_crop`).
+  * ``"center"``: the centred square, for corpora of face crops.
+
+  With the last two the record landmarks are unknown (−1 rows; occluders then assume a centred face)."""
+
+  def __init__(self, align: str, aligner: FaceAligner | None = None, cache_dir: str | os.PathLike | None = None,
+               size: int = 256):
+    if align not in ALIGNS:
+      raise ValueError(f"align={align!r}: expected one of {ALIGNS}")
+    if align == "detect" and aligner is None:
+      raise ValueError("align='detect' needs a face aligner: build with `python -m maejax.data.prepare` (which makes "
+                       "one from maejax.faces) or pass aligner=maejax.faces.FrameAligner()")
+    self.align, self.aligner, self.size = align, aligner, size
+    self.cache = None if align != "detect" or cache_dir is None else DetectionCache(cache_dir, aligner.signature)
+    self.no_face: list[str] = []
+    self.detector_calls = 0
+    self.cache_hits = 0
+
+  def __call__(self, sequence: str, frame: int, src: str, image: np.ndarray, points: np.ndarray | None,
+               where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(crop (size, size, 3) uint8, landmarks (5, 2) float32)`` or None when no face is found (``where``,
+    the frame's file, is listed)."""
+    if self.align != "detect":
+      crop = face_crop(image, points if self.align == "landmarks" else None, self.size)
+      return crop, UNKNOWN_LANDMARKS
+    found, det = (False, None) if self.cache is None else self.cache.lookup(sequence, frame, src)
+    if found:
+      self.cache_hits += 1
+    else:
+      det = self.aligner.detect(image)
+      self.detector_calls += 1
+      if self.cache is not None:
+        self.cache.store(sequence, frame, src, det)
+    if det is None:
+      self.no_face.append(f"{sequence}\t{frame}\t{where}")
+      return None
+    crop, keypoints = self.aligner.crop(image, det, self.size)
+    return crop, np.asarray(keypoints, np.float32).reshape(NUM_KEYPOINTS, 2)
+
+  def save(self) -> None:
+    if self.cache is not None:
+      self.cache.save()
+
+  def finish(self, data_dir: str | os.PathLike, what: str) -> None:
+    """Saves the cache; writes ``data_dir/no_face.txt`` (sequence, frame, file per line; empty when every frame
+    had a face) and logs how many frames had no face."""
+    self.save()
+    if self.align != "detect":
+      return
+    path = Path(data_dir) / NO_FACE_FILE
+    path.write_text("".join(line + "\n" for line in self.no_face))
+    if self.no_face:
+      log.warning("%s: %d labelled frame(s) without a detected face are not in the dataset; listed in %s",
+                  what, len(self.no_face), path)
+    log.info("%s: face detection ran on %d frame(s), %d read from the detection cache %s", what,
+             self.detector_calls, self.cache_hits, None if self.cache is None else self.cache.folder)
+
+
+def check_align(align: str, landmarks_dir) -> None:
+  """ValueError unless ``align`` is one of :data:`ALIGNS` and ``landmarks_dir`` is given exactly when
+  ``align="landmarks"``."""
+  if align not in ALIGNS:
+    raise ValueError(f"align={align!r}: expected one of {ALIGNS}")
+  if (align == "landmarks") != (landmarks_dir is not None):
+    raise ValueError("landmarks_dir / --landmarks_dir goes with align='landmarks' / --align=landmarks, got "
+                     f"align={align!r} and landmarks_dir={landmarks_dir!r}")
+
+
+def detection_cache_dir(dl_manager: Any, name: str) -> Path:
+  """Where a builder caches its face detections: ``<download dir>/face_detections/<name>`` (``<data_dir>/
+  downloads`` by default), outside the versioned dataset folder, so a rebuild or a new version reuses them."""
+  return Path(dl_manager.download_dir) / "face_detections" / name
 
 
 def encode_image(image: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> bytes:
@@ -352,12 +511,14 @@ def open_image_source(spec: str, *, data_dir: str | os.PathLike | None = None,
 
 def au_features(num_aus: int, image_size: int = 256):
   """The TFDS features of an AU dataset record (BP4D, DISFA): ``image`` JPEG ``(S, S, 3)``, ``au`` int8 (−1 =
-  unknown), ``au_intensity`` float32 (−1 = none), ``subject`` index, ``subject_id``, ``task``, ``frame``."""
+  unknown), ``au_intensity`` float32 (−1 = none), ``landmarks`` float32 (5, 2) (x, y) in the crop (eyes, nose
+  tip, mouth corners; −1 = unknown), ``subject`` index, ``subject_id``, ``task``, ``frame``."""
   import tensorflow_datasets as tfds
   return tfds.features.FeaturesDict({
     "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="jpeg"),
     "au": tfds.features.Tensor(shape=(num_aus,), dtype=np.int8),
     "au_intensity": tfds.features.Tensor(shape=(num_aus,), dtype=np.float32),
+    "landmarks": tfds.features.Tensor(shape=(NUM_KEYPOINTS, 2), dtype=np.float32),
     "subject": tfds.features.Scalar(dtype=np.int32),
     "subject_id": tfds.features.Text(),
     "task": tfds.features.Text(),

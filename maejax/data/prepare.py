@@ -1,9 +1,17 @@
 r"""Builds the BP4D / DISFA TFDS datasets from Python (the `tfds build` CLI needs TensorFlow; this does not).
 
   python -m maejax.data.prepare --dataset=bp4d --manual_dir=/data/BP4D --data_dir=~/tensorflow_datasets \
-      [--images_subdir=2D+3D] [--landmarks_dir=...] [--skip_bad]
+      [--images_subdir=2D+3D] [--align=detect|landmarks|center] [--landmarks_dir=...] [--skip_bad]
   python -m maejax.data.prepare --dataset=disfa --manual_dir=/data/DISFA --data_dir=~/tensorflow_datasets \
-      [--frame_index_base=0] [--landmarks_dir=...] [--skip_bad]
+      [--frame_index_base=0] [--align=detect|landmarks|center] [--landmarks_dir=...] [--skip_bad]
+
+Crops: ``--align=detect`` (default) = the largest face found by BlazeFace (``maejax.faces``, the ``faces``
+extra; ``--face_model=PATH`` for local model files), its FFHQ-style square at 256 px, the keypoints stored in
+every record (``landmarks``, crop pixels). Detections are cached per sequence under
+``<data_dir>/downloads/face_detections/<dataset>/``, so a rebuild does not detect again; frames without a face
+are left out, counted in the log and listed in ``no_face.txt`` in the dataset folder. ``--align=landmarks`` with
+``--landmarks_dir`` crops 1.4 × the box of the dataset's points; ``--align=center`` the centred square (corpora
+of face crops).
 
 Reading back (random access, straight into `grain.MapDataset.source`):
   src = data_source("bp4d", "fold1_train", data_dir=...)   # == tfds.data_source("bp4d", split="part1+part2")
@@ -37,16 +45,29 @@ def make_builder(dataset: str, *, data_dir: str | os.PathLike | None = None, ski
 
 
 def prepare(dataset: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
-            skip_bad: bool = False, **builder_kwargs) -> tfds.core.DatasetBuilder:
+            skip_bad: bool = False, align: str = "detect", aligner: Any = None, face_model: str | None = None,
+            **builder_kwargs) -> tfds.core.DatasetBuilder:
   """Builds `dataset` ("bp4d" | "disfa") from the official files in `manual_dir` into `data_dir`.
 
-  Returns the prepared builder; `builder.bad.count` is the number of skipped bad inputs (0 unless skip_bad).
+  align: "detect" | "landmarks" | "center" (module docstring). With "detect", `aligner` (an
+  `images.FaceAligner`) finds the faces; by default a `maejax.faces.FrameAligner` on `face_model` (None: the
+  model cache), closed at the end. Returns the prepared builder; `builder.bad.count` is the number of skipped
+  bad inputs (0 unless skip_bad), `builder.cropper.no_face` the frames without a face.
   """
   manual_dir = os.path.expanduser(os.fspath(manual_dir))
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"manual_dir not found: {manual_dir}")
-  builder = make_builder(dataset, data_dir=data_dir, skip_bad=skip_bad, **builder_kwargs)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  own = align == "detect" and aligner is None
+  if own:
+    from maejax import faces  # the one place data reaches the face detector (mediapipe is imported lazily)
+    aligner = faces.FrameAligner(face_model)
+  try:
+    builder = make_builder(dataset, data_dir=data_dir, skip_bad=skip_bad, align=align, aligner=aligner,
+                           **builder_kwargs)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  finally:
+    if own:
+      aligner.close()
   return builder
 
 
@@ -65,8 +86,13 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir to write to "
                                 "(default ~/tensorflow_datasets).")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad", False, "Skip (count and log) bad inputs instead of failing.")
 _IMAGES_SUBDIR = flags.DEFINE_string("images_subdir", "2D+3D", "BP4D: frames folder under manual_dir.")
-_LANDMARKS_DIR = flags.DEFINE_string("landmarks_dir", None, "Optional landmarks folder "
+_LANDMARKS_DIR = flags.DEFINE_string("landmarks_dir", None, "Landmarks folder of --align=landmarks "
                                      "(see the builder docs).")
+_ALIGN = flags.DEFINE_enum("align", "detect", ["detect", "landmarks", "center"], "Face crop: detect (BlazeFace, "
+                           "FFHQ-style square; needs the faces extra), landmarks (--landmarks_dir), center (the "
+                           "frames already are face crops).")
+_FACE_MODEL = flags.DEFINE_string("face_model", None, "--align=detect: local face detector models (a folder with "
+                                  "the two BlazeFace .tflite files, the mediapipe 0.10.21 wheel, or one .tflite).")
 _FRAME_INDEX_BASE = flags.DEFINE_integer(
   "frame_index_base", 1, "DISFA: number of the first extracted frame image in frames/<subject>/; 0 pairs "
   "image i with label frame i + 1 (frames written from 0, e.g. 0.png or frame_000000.jpg).", lower_bound=0,
@@ -83,11 +109,13 @@ def main(argv: Sequence[str]) -> None:
       raise ValueError("--frame_index_base is a DISFA option (BP4D image names are the label frame numbers)")
   else:
     kwargs["frame_index_base"] = _FRAME_INDEX_BASE.value
-  builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, skip_bad=_SKIP_BAD.value, **kwargs)
+  builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, skip_bad=_SKIP_BAD.value,
+                    align=_ALIGN.value, face_model=_FACE_MODEL.value, **kwargs)
   for split, info in sorted(builder.info.splits.items()):
     logging.info("%s %s: %d examples", builder.name, split, info.num_examples)
-  logging.info("%s: %s; %d unlabelled images not used. Written to %s", builder.name, builder.bad.summary(),
-               builder.num_unlabelled_images, builder.data_dir)
+  no_face = len(builder.cropper.no_face) if builder.cropper is not None else 0
+  logging.info("%s: %s; %d unlabelled images not used; %d labelled frames without a face left out. Written to %s",
+               builder.name, builder.bad.summary(), builder.num_unlabelled_images, no_face, builder.data_dir)
 
 
 if __name__ == "__main__":
