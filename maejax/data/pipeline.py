@@ -113,11 +113,18 @@ def _as_rgb(image: Any) -> np.ndarray:
 
 
 def synthfaces_source(cfg: ml_collections.ConfigDict, split: str, aus: Sequence[int] | None = None) -> Any:
-  """The synthetic faces of ``split`` ("train" / "test": subject-exclusive, ``data.test_fraction``; "all"),
-  read from the render cache in ``data.cache_dir`` (``""`` renders on the fly). ``aus``: default BP4D's 12."""
+  """The synthetic faces of ``split`` ("train" / "test": subject-exclusive, ``data.test_fraction``; "val": the
+  ``data.val_fraction`` of the training subjects, which "train" then leaves out; "all"), read from the render
+  cache in ``data.cache_dir`` (``""`` renders on the fly). ``aus``: default BP4D's 12."""
   from maejax.data import face_cache, synthfaces
   train, test = synthfaces.train_test_subjects(cfg.num_subjects, cfg.get("test_fraction", 0.25), seed=cfg.seed)
-  subjects = {"train": train, "test": test, "all": None}
+  val = None
+  if cfg.get("val_fraction", 0.0):
+    train, val = synthfaces.train_val_subjects(train, cfg.val_fraction, seed=cfg.seed)
+  elif split == "val":
+    raise ValueError("synthfaces split 'val': set config.data.val_fraction (e.g. 0.2) to carve a validation split "
+                     "from the training subjects")
+  subjects = {"train": train, "val": val, "test": test, "all": None}
   if split not in subjects:
     raise ValueError(f"synthfaces split must be one of {sorted(subjects)}, got {split!r}")
   src = synthfaces.SynthFaces(seed=cfg.seed, num_subjects=cfg.num_subjects, frames_per_subject=cfg.frames_per_subject,
@@ -179,6 +186,146 @@ def mae_pipeline(data_cfg: ml_collections.ConfigDict, global_batch_size: int, im
   return build(src, global_batch_size=global_batch_size, seed=seed,
                augment=MAEAugment(img_size, tuple(data_cfg.get("crop_scale", (0.2, 1.0)))),
                worker_count=data_cfg.get("worker_count", 0), **kw)
+
+
+# ------------------------------------------------------------------------------- objectives beyond MAE
+
+
+def block_mask(rng: np.random.Generator, grid: int, num_masked: int, min_patches: int, max_patches: int,
+               min_aspect: float = 0.3) -> np.ndarray:
+  """BEiT's block-wise masking (BootMAE's generator): ``(grid, grid)`` uint8, 1 = masked.
+
+  Repeatedly draws a block of area ``U(min_patches, budget)`` patches (``budget = min(max_patches, num_masked −
+  masked so far)``) and log-uniform aspect ratio in ``[min_aspect, 1/min_aspect]`` at a random position, up to 10
+  tries, accepting it if it adds between 1 and ``budget`` new patches; stops when ``num_masked`` patches are
+  masked or no try adds any.
+  """
+  mask = np.zeros((grid, grid), np.uint8)
+  count = 0
+  log_ratio = (np.log(min_aspect), np.log(1 / min_aspect))
+  while count < num_masked:
+    budget = min(num_masked - count, max_patches)
+    added = 0
+    for _ in range(10):
+      area = rng.uniform(min_patches, budget) if budget > min_patches else float(budget)
+      aspect = np.exp(rng.uniform(*log_ratio))
+      h = int(round(np.sqrt(area * aspect)))
+      w = int(round(np.sqrt(area / aspect)))
+      if 0 < h < grid and 0 < w < grid:
+        top, left = int(rng.integers(0, grid - h + 1)), int(rng.integers(0, grid - w + 1))
+        new = h * w - int(mask[top:top + h, left:left + w].sum())
+        if 0 < new <= budget:
+          mask[top:top + h, left:left + w] = 1
+          added = new
+          break
+    if added == 0:
+      break
+    count += added
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMaskNoise:
+  """Adds ``"mask_noise": (L,) float32 = block − U(0, 1)`` to a record: argsort keeps the smallest, so
+  :func:`maejax.models.mae.random_masking` removes every block-masked patch first and tops the mask up to its
+  ratio at random (BootMAE's ``argsort(1 − (1 − mask + u))``)."""
+
+  grid: int
+  num_masked: int
+  min_patches: int
+  max_patches: int
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    m = block_mask(rng, self.grid, self.num_masked, self.min_patches, self.max_patches).reshape(-1)
+    return {**record, "mask_noise": (m - rng.random(m.shape)).astype(np.float32)}
+
+
+def block_mask_noise(grid: int, fraction: float) -> BlockMaskNoise:
+  """BootMAE's block masking scaled to a ``grid × grid`` patch grid: ``fraction·L`` patches in blocks of
+  ``16/196·L … 60/196·L`` patches (the official 120 / 16 / 60 of 196 at 14 × 14)."""
+  n = grid * grid
+  return BlockMaskNoise(grid, max(1, int(round(fraction * n))), max(1, int(round(16 / 196 * n))),
+                        max(2, int(round(60 / 196 * n))))
+
+
+DEPTH_MEAN, DEPTH_STD = 0.5, 0.5
+
+
+def normalize_depth(depth_uint8: jax.Array) -> jax.Array:
+  """``(B, H, W, 1)`` uint8 depth → float32 in about [−1, 1]."""
+  return (depth_uint8.astype(jnp.float32) / 255.0 - DEPTH_MEAN) / DEPTH_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class WithDepth:
+  """A synthetic-faces source whose records also carry ``"depth": (H, W, 1)`` uint8 (synthfaces.depth_of), also
+  when the images come from the render cache."""
+
+  source: Any
+  seed: int
+  size: int
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    from maejax.data import synthfaces
+    r = self.source[index]
+    return {**r, "depth": synthfaces.depth_of(self.seed, int(r["subject"]), int(r["frame"]), self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiModalAugment:
+  """:class:`MAEAugment` applied with ONE crop box and flip to every key of ``keys`` (aligned modalities):
+  RandomResizedCrop (bicubic) + horizontal flip; uint8 ``(S, S, C)`` each."""
+
+  size: int
+  keys: tuple[str, ...] = ("image", "depth")
+  scale: tuple[float, float] = (0.2, 1.0)
+  flip: bool = True
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    arrays = {k: np.asarray(record[k]) for k in self.keys}
+    arrays["image"] = _as_rgb(arrays["image"])
+    top, left, h, w = random_resized_crop_box(rng, *arrays["image"].shape[:2], self.scale)
+    flip = self.flip and rng.random() < 0.5
+    out = {}
+    for k, a in arrays.items():
+      crop = a[top:top + h, left:left + w]
+      pil = Image.fromarray(crop[:, :, 0] if crop.shape[-1] == 1 else crop)
+      r = np.asarray(pil.resize((self.size, self.size), Image.BICUBIC)).reshape(self.size, self.size, -1)
+      out[k] = np.ascontiguousarray(r[:, ::-1] if flip else r)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Then:
+  """``second(first(record, rng), rng)``: two random maps as one (picklable, for grain's worker processes)."""
+
+  first: Any
+  second: Any
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return self.second(self.first(record, rng), rng)
+
+
+def objective_pipeline(data_cfg: ml_collections.ConfigDict, global_batch_size: int, img_size: int, seed: int, *,
+                       block_masking: BlockMaskNoise | None = None, depth: bool = False) -> grain.IterDataset:
+  """:func:`mae_pipeline` for the objectives beyond MAE: optionally with BootMAE's block-mask noise
+  (``"mask_noise": (b, L)``) and / or the synthetic faces' depth (``"depth": (b, S, S, 1)``, same crop and flip)."""
+  src = make_source(data_cfg, "train")
+  scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
+  if depth:
+    if data_cfg.name != "synthfaces":
+      raise ValueError(f"config.data.name={data_cfg.name!r}: the depth modality exists for synthfaces only")
+    src = WithDepth(src, data_cfg.seed, data_cfg.image_size)
+    augment = MultiModalAugment(img_size, ("image", "depth"), scale)
+  else:
+    augment = MAEAugment(img_size, scale)
+  if block_masking is not None:
+    augment = Then(augment, block_masking)
+  return build(src, global_batch_size=global_batch_size, seed=seed, augment=augment,
+               worker_count=data_cfg.get("worker_count", 0))
 
 
 def fixed_images(source: Any, indices: Sequence[int], size: int) -> np.ndarray:

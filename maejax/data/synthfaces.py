@@ -23,6 +23,9 @@ Records (shared with the BP4D / DISFA builders)::
   {"image": uint8 (H, W, 3), "au": int8 (N,) 0/1, "au_intensity": float32 (N,), "subject": int32 (),
    "frame": int32 (), "landmarks": float32 (K, 2) (x, y) pixels, rows in ``LANDMARK_NAMES`` order}
 
+plus, with ``SynthFaces(depth=True)``, ``"depth": uint8 (H, W, 1)``: a depth map of the same face from its own
+geometry (:func:`render_depth`; the RGB image is rendered exactly as without it).
+
 Grid of examples: ``python -m maejax.data.synthfaces --out=synthfaces_grid.png --size=128 --n=16``.
 """
 
@@ -573,6 +576,74 @@ def render_face(identity: Identity, frame: FrameParams, intensities: np.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Depth: a second modality from the same geometry (for multimodal pretraining, MCM).
+
+DEPTH_RANGE = 1.0  # face units of height that map to 255
+
+
+def render_depth(identity: Identity, frame: FrameParams, intensities: np.ndarray, size: int) -> np.ndarray:
+  """Height above the background of every pixel of the face :func:`render_face` draws, as uint8 ``(size, size)``
+  (0 = background, 255 = ``DEPTH_RANGE`` face units towards the camera).
+
+  Each output pixel centre is mapped back to face units through the inverse of the frame's similarity (rotation,
+  scale, shift: the one ``render_face`` draws with), and the height there is the sum of analytic surfaces placed
+  where ``render_face`` places the parts (so identity, pose and the AUs move the depth with the image):
+    * head: an ellipsoid cap ``0.2 + 0.5·sqrt(1 − (x/w)² − (y/h)²)`` over the face outline (``face_w × face_h``, the
+      jaw lowered by AU26), the hair behind it at 0.1, the neck at 0.15;
+    * nose: a Gaussian ridge of height 0.3 from between the eyes to the tip (with the fake yaw's shift);
+    * eye sockets: Gaussian dips of 0.08 at the eye centres;
+    * cheeks: Gaussian bulges of ``0.04 + 0.12·k₆`` raised with AU6 as the drawn cheeks are;
+    * mouth: a dip as deep as the lips are parted (AU25 / AU26); the chin boss bulges with AU17.
+  Pixel noise, blur and lighting are image effects and do not touch the depth.
+  """
+  k = {au: AU_GAIN * float(np.clip(v, 0, MAX_INTENSITY)) / MAX_INTENSITY
+       for au, v in zip(ALL_AUS, np.asarray(intensities, np.float32), strict=True)}
+  idn = identity
+  a = math.radians(frame.angle)
+  unit = FACE_SCALE * size * frame.scale
+  m = unit * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+  c = np.array([size * (0.5 + frame.shift[0]), size * (FACE_CENTER_Y + frame.shift[1])])
+  g = np.arange(size, dtype=np.float64) + 0.5
+  px = np.stack(np.meshgrid(g, g, indexing="xy"), -1)  # (size, size, 2) (x, y) pixel centres
+  pts = (px - c) @ np.linalg.inv(m).T
+  x, y = pts[..., 0], pts[..., 1]
+  gauss = lambda cx, cy, sx, sy: np.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+
+  z = np.zeros((size, size))
+  if idn.hair_style != 2:
+    back_h = idn.face_h * (1.55 if idn.hair_style == 1 else 1.0)
+    hair = ((x / (idn.face_w + 0.14)) ** 2 + ((y + 0.2 - (back_h - idn.face_h) * 0.55) / back_h) ** 2) <= 1
+    z = np.where(hair, 0.1, z)
+  z = np.where((np.abs(x) <= 0.38 + 0.04 * np.clip(y - 0.5, 0, None)) & (y >= 0.5), 0.15, z)
+  jaw = 0.2 * k[26]
+  h = np.where(y > 0, idn.face_h + jaw, idn.face_h)
+  r2 = (x / idn.face_w) ** 2 + (y / h) ** 2
+  face = r2 <= 1
+  z = np.where(face, 0.2 + 0.5 * np.sqrt(np.clip(1 - r2, 0, None)), z)
+
+  yaw = frame.yaw
+  ex, ey = idn.eye_x, idn.eye_y
+  along = np.clip((y - ey) / (idn.nose_y - ey), 0, 1)  # 0 between the eyes, 1 at the tip
+  ridge_x = yaw * (0.6 + 0.4 * along)  # the fake yaw shifts the tip (nearer the camera) more than the bridge
+  on_nose = (y > ey) & (y < idn.nose_y + 0.06)
+  bumps = 0.3 * along * on_nose * np.exp(-0.5 * ((x - ridge_x) / (idn.nose_w * 0.9)) ** 2)
+  for s in (-1, 1):
+    bumps = bumps - 0.08 * gauss(s * ex + yaw * 0.6, ey, idn.eye_w, 0.07)
+    bumps = bumps + (0.04 + 0.12 * k[6]) * gauss(s * ex + yaw * 0.6 + s * 0.02, ey + 0.3 - 0.10 * k[6], 0.14, 0.09)
+  gap = 0.07 * k[25] + 0.75 * jaw
+  bumps = bumps - 1.5 * gap * gauss(yaw * 0.8, idn.mouth_y + gap / 2, idn.mouth_w * 0.8, 0.03 + gap / 2)
+  bumps = bumps + 0.06 * k[17] * gauss(yaw * 0.8, idn.mouth_y + 0.25, 0.12, 0.08)
+  z = np.where(face, z + bumps, z)
+  return np.clip(np.round(z / DEPTH_RANGE * 255), 0, 255).astype(np.uint8)
+
+
+def depth_of(seed: int, subject: int, frame: int, size: int) -> np.ndarray:
+  """The depth map ``(size, size, 1)`` uint8 of ``(seed, subject, frame)`` (the record's ``"depth"``)."""
+  inten = frame_intensities(seed, subject, frame)
+  return render_depth(_identity(seed, subject), make_frame_params(seed, subject, frame), inten, size)[:, :, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Random-access source, subject splits.
 
 
@@ -584,6 +655,20 @@ def train_test_subjects(num_subjects: int, test_fraction: float = 0.25, seed: in
   perm = _rng(seed, 4).permutation(num_subjects)
   n_test = max(1, int(round(num_subjects * test_fraction)))
   return sorted(perm[n_test:].tolist()), sorted(perm[:n_test].tolist())
+
+
+def train_val_subjects(train: Sequence[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+  """A subject-exclusive validation split carved from the training subjects ``train``: ``(train − val, val)``
+  with ``max(1, round(len(train)·val_fraction))`` validation subjects drawn by ``seed`` (hyper-parameters and
+  thresholds are chosen on them, never on the test subjects)."""
+  if not 0 < val_fraction < 1:
+    raise ValueError(f"val_fraction: expected a value in (0, 1), got {val_fraction}")
+  train = sorted(int(s) for s in train)
+  if len(train) < 2:
+    raise ValueError(f"val_fraction: {len(train)} training subject(s) cannot be split into train and val")
+  n_val = min(len(train) - 1, max(1, int(round(len(train) * val_fraction))))
+  val = _rng(seed, 6).permutation(train)[:n_val]
+  return sorted(set(train) - set(val.tolist())), sorted(val.tolist())
 
 
 def subject_folds(num_subjects: int, num_folds: int = 3, seed: int = 0) -> list[list[int]]:
@@ -615,7 +700,7 @@ class SynthFaces:
 
   def __init__(self, seed: int = 0, num_subjects: int = 60, frames_per_subject: int = 200,
                image_size: int = 64, aus: Sequence[int] = BP4D_AUS, subjects: Sequence[int] | None = None,
-               threshold: float = 2.0):
+               threshold: float = 2.0, depth: bool = False):
     if num_subjects < 1:
       raise ValueError(f"num_subjects: expected ≥ 1, got {num_subjects}")
     if frames_per_subject < 1:
@@ -629,6 +714,7 @@ class SynthFaces:
       raise ValueError(f"subjects: ids {bad} outside range({num_subjects})")
     self.seed, self.num_subjects, self.frames_per_subject = int(seed), num_subjects, frames_per_subject
     self.image_size, self.aus, self.subjects, self.threshold = image_size, tuple(aus), subjects, threshold
+    self.depth = depth  # add the "depth" record key (render_depth)
 
   def __len__(self) -> int:
     return len(self.subjects) * self.frames_per_subject
@@ -651,7 +737,7 @@ class SynthFaces:
     frame_params = make_frame_params(self.seed, subject, frame)
     image, landmarks = render_face(_identity(self.seed, subject), frame_params, inten, self.image_size)
     inten = inten[self._au_idx]
-    return {
+    record = {
         "image": image,
         "au": (inten >= self.threshold).astype(np.int8),
         "au_intensity": inten,
@@ -659,6 +745,9 @@ class SynthFaces:
         "frame": np.int32(frame),
         "landmarks": landmarks,
     }
+    if self.depth:
+      record["depth"] = depth_of(self.seed, subject, frame, self.image_size)
+    return record
 
   def __repr__(self) -> str:
     return (f"SynthFaces(seed={self.seed}, num_subjects={self.num_subjects}, "
