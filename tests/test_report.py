@@ -149,6 +149,8 @@ def test_ceiling_fraction_against_direct_call(summary, ceilings):
         want = [np.mean(_per_au(fraction, s, row, cond)[idx]) / np.mean(ceil[idx]) for s in seeds]
         np.testing.assert_allclose(g["ceiling"][cond]["rows"][row]["mean"], np.mean(want), rtol=1e-12)
         np.testing.assert_allclose(g["ceiling"][cond]["rows"][row]["std"], np.std(want), rtol=1e-9)
+        want = [_avg(fraction, s, row, cond) / np.mean(ceil) for s in seeds]
+        np.testing.assert_allclose(g["ceiling"][cond]["rows_all"][row]["mean"], np.mean(want), rtol=1e-12)
   # The README's figures: the ceiling averaged over all 12 AUs (visible ones at 1).
   np.testing.assert_allclose(_group(summary, 1.0)["ceiling"]["block_upper"]["ceiling_all_mean"], 0.803, atol=5e-4)
   np.testing.assert_allclose(_group(summary, 1.0)["ceiling"]["block_lower"]["ceiling_all_mean"], 0.738, atol=5e-4)
@@ -285,3 +287,22 @@ def test_cli_end_to_end(runs, summary, tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 2 and p.stderr.strip().splitlines() == [
       f"maejax.report: error: no report.json at {tmp_path / 'nowhere'}"]
+
+
+def test_runs_without_fraction_and_without_synth_refs(runs, tmp_path):
+  """Runs written before label fractions: one group 'not recorded', no plot even when asked; --nosynth_refs: no
+  ceiling, no floor."""
+  olds = []
+  for i, d in enumerate(runs[1.0]):
+    with open(os.path.join(d, "report.json")) as f:
+      rec = json.load(f)
+    del rec["label_fraction"]
+    (tmp_path / f"old{i}.json").write_text(json.dumps(rec))
+    olds.append(str(tmp_path / f"old{i}.json"))
+  png = tmp_path / "never.png"
+  text = report.run_cli(olds, plot_out=str(png), synth_refs=False)
+  assert text.startswith("== label fraction not recorded: 3 runs, seeds 0 1 2") and not png.exists()
+  assert "ceiling" not in text and "floor" not in text
+  g = report.summarize(olds, synth_refs=False)["groups"][0]
+  assert g["label_fraction"] is None and g["ceiling"] == {} and g["floor"] is None
+  assert g["paired"][OCC][KD]["blocks"]["positive_every_seed"]
