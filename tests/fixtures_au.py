@@ -50,11 +50,12 @@ def _colour(i: int, j: int, k: int) -> tuple[int, int, int]:
 
 
 def make_bp4d(root: Path, *, subjects=BP4D_FIXTURE_SUBJECTS, tasks=("T1", "T2"), n_frames: int = 5,
-              first_frame: int = 10, images_subdir: str = "2D+3D", seed: int = 0) -> dict:
+              first_frame: int = 10, images_subdir: str = "2D+3D", seed: int = 0, image_fn=None) -> dict:
   """Writes <root>/AUCoding/AU_OCC/<s>_<t>.csv and <root>/<images_subdir>/<s>/<t>/<frame>.jpg.
 
   The first subject's images are zero-padded (0010.jpg), the others not (10.jpg). Each task folder also holds
   one unlabelled image (frame 999). Frame `first_frame` of subject 0 / task 0 has AU 4 = 9 (not scored).
+  `image_fn(subject index, task index, frame index)` → uint8 (H, W, 3) replaces the colour squares.
   Returns {(subject, task, frame): {"au": int8 (12,) with −1 for 9, "colour": (r, g, b), "path": Path}}.
   """
   rng = np.random.default_rng(seed)
@@ -79,7 +80,7 @@ def make_bp4d(root: Path, *, subjects=BP4D_FIXTURE_SUBJECTS, tasks=("T1", "T2"),
         colour = _colour(si, ti, fi)
         name = f"{frame:04d}.jpg" if si == 0 else f"{frame}.jpg"
         path = root / images_subdir / subject / task / name
-        write_image(path, face_image(colour))
+        write_image(path, face_image(colour) if image_fn is None else image_fn(si, ti, fi))
         truth[(subject, task, frame)] = {"au": au, "colour": colour, "path": path}
       write_image(root / images_subdir / subject / task / "999.jpg", face_image((250, 250, 250)))
       (labels_dir / f"{subject}_{task}.csv").write_text("\n".join(rows) + "\n")
@@ -87,7 +88,7 @@ def make_bp4d(root: Path, *, subjects=BP4D_FIXTURE_SUBJECTS, tasks=("T1", "T2"),
 
 
 def make_disfa(root: Path, *, subjects=DISFA_FIXTURE_SUBJECTS, n_frames: int = 5, layout: str = "frames",
-               image_base: int = 1, image_name: str | None = None, seed: int = 0) -> dict:
+               image_base: int = 1, image_name: str | None = None, seed: int = 0, image_fn=None) -> dict:
   """Writes <root>/ActionUnit_Labels/<s>/<s>_au<N>.txt (frames 1..n) and either
   <root>/frames/<s>/<number>.png|jpg (layout="frames"; subject 0 as 00001.png, the others as 1.jpg, or all as
   `image_name.format(number)`; plus an unlabelled frame n+1) or
@@ -95,7 +96,8 @@ def make_disfa(root: Path, *, subjects=DISFA_FIXTURE_SUBJECTS, n_frames: int = 5
 
   The video's frame f (counted from 0) is label frame f + 1 and image number f + image_base: image_base=0 is
   the 0-based numbering of extraction scripts that count from 0. Subject 0: AU1 intensity 1 at frame 1 and 2
-  at frame 2. Returns {(subject, label frame): {"intensity": float32 (8,), "au": int8 (8,), "colour": (r, g,
+  at frame 2. `image_fn(subject index, video frame index)` → uint8 (H, W, 3) replaces the colour squares.
+  Returns {(subject, label frame): {"intensity": float32 (8,), "au": int8 (8,), "colour": (r, g,
   b), "path": Path | None}}.
   """
   rng = np.random.default_rng(seed)
@@ -119,7 +121,7 @@ def make_disfa(root: Path, *, subjects=DISFA_FIXTURE_SUBJECTS, n_frames: int = 5
         name = f"{number:05d}.png" if si == 0 else f"{number}.jpg"
       return root / "frames" / subject / name
 
-    images = [face_image(_colour(si, 1, f)) for f in range(n_frames + 1)]
+    images = [face_image(_colour(si, 1, f)) if image_fn is None else image_fn(si, f) for f in range(n_frames + 1)]
     if layout == "frames":
       for f, image in enumerate(images):
         write_image(image_path(f), image)
@@ -151,3 +153,16 @@ def write_video(path: Path, images: list[np.ndarray]) -> None:
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+
+
+def face_frame(face: np.ndarray, height: int, width: int, offset: tuple[int, int] = (0, 0), scale: float = 1.0,
+               background: int = 120) -> np.ndarray:
+  """uint8 (height, width, 3): `face` (a photo, e.g. skimage's astronaut) resized by `scale` and pasted centred
+  in a flat canvas, moved by `offset` (dx, dy) px: a full-size dataset frame with the face somewhere in it."""
+  img = Image.fromarray(face)
+  img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
+  canvas = np.full((height, width, 3), background, np.uint8)
+  x = (width - img.width) // 2 + offset[0]
+  y = (height - img.height) // 2 + offset[1]
+  canvas[y:y + img.height, x:x + img.width] = np.asarray(img)
+  return canvas

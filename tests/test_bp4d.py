@@ -9,7 +9,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
-from fixtures_au import BP4D_AUS, WIDTH, corrupt, face_image, make_bp4d, write_image
+from fixtures_au import BP4D_AUS, WIDTH, corrupt, face_frame, face_image, make_bp4d, write_image
 from PIL import Image
 
 from maejax.data import folds
@@ -298,3 +298,113 @@ def test_corrupt_label_file_in_builder_is_one_line(tmp_path):
   builder = Bp4d(data_dir=str(tmp_path / "_unused"), skip_bad=True)
   plans = builder.scan(tmp_path)
   assert builder.bad.count == 1 and len(plans[2]) == 2 and len(plans[1]) == 4
+
+
+# ------------------------------------------------------------------------------------- align="detect"
+
+
+class CountingAligner:
+  """A real maejax.faces.FrameAligner that counts its detector calls."""
+
+  def __init__(self, aligner):
+    self.aligner, self.signature, self.calls = aligner, aligner.signature, 0
+
+  def detect(self, image):
+    self.calls += 1
+    return self.aligner.detect(image)
+
+  def crop(self, image, detection, size):
+    return self.aligner.crop(image, detection, size)
+
+
+@pytest.fixture(scope="module")
+def frame_aligner():
+  faces = pytest.importorskip("maejax.faces")
+  try:
+    faces.fetch_models()
+  except faces.ModelFetchError as e:
+    pytest.skip(f"BlazeFace models unavailable: {e}")
+  with faces.FrameAligner() as a:
+    yield a
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+  return np.ascontiguousarray(pytest.importorskip("skimage.data").astronaut())
+
+
+def _bp4d_faces(root, astronaut, no_face=("M011", 0, 1)):
+  """Full-size BP4D frames (1392 high, 1040 wide) with the astronaut at 1.8× moved a little per frame; frame 11
+  of M011 / T1 is an empty canvas."""
+  subjects = ("F001", "M011")
+
+  def image_fn(si, ti, fi):
+    if (subjects[si], ti, fi) == no_face:
+      return np.full((1392, 1040, 3), 120, np.uint8)
+    return face_frame(astronaut, 1392, 1040, offset=(20 * fi - 20 * si, 30 * si - 10 * fi), scale=1.8)
+
+  return make_bp4d(root, subjects=subjects, tasks=("T1",), n_frames=3, image_fn=image_fn)
+
+
+def test_build_with_detected_faces(tmp_path, frame_aligner, astronaut):
+  manual = tmp_path / "manual"
+  _bp4d_faces(manual, astronaut)
+  counting = CountingAligner(frame_aligner)
+  builder = prepare("bp4d", manual, tmp_path / "data", aligner=counting)
+  assert builder.info.metadata["align"] == "detect" and str(builder.version) == "2.0.0"
+  assert counting.calls == 6  # every labelled frame, once; unlabelled images are not decoded
+  records = list(builder.as_data_source(split="part1")) + list(builder.as_data_source(split="part2"))
+  assert sorted((r["subject_id"].decode(), int(r["frame"])) for r in records) == [
+    ("F001", 10), ("F001", 11), ("F001", 12), ("M011", 10), ("M011", 12)]
+  # The frame without a face is left out, counted and listed next to the data.
+  assert builder.cropper.no_face == [f"M011_T1\t11\t{manual / '2D+3D' / 'M011' / 'T1' / '11.jpg'}"]
+  listed = (Path(builder.data_dir) / "no_face.txt").read_text().splitlines()
+  assert len(listed) == 1 and listed[0].endswith("M011/T1/11.jpg")
+  for r in records:
+    lm = r["landmarks"]
+    assert lm.shape == (5, 2) and lm.dtype == np.float32
+    # The FFHQ template at 256 px: eyes 2·IOD / 4 apart = 64 px around the centre column, 0.1·|e2m| (≈ 0.1·IOD =
+    # 6.4 px) above the centre row; mouth ≈ one IOD below the eyes.
+    np.testing.assert_allclose(lm[:2], [[95.5, 121.1], [159.5, 121.1]], atol=8)
+    assert 50 < lm[3, 1] - lm[:2, 1].mean() < 80 and (lm[3] == lm[4]).all()
+    assert r["image"].shape == (256, 256, 3) and r["image"].std() > 30  # a face, not the flat canvas
+  # A rebuild (dataset folder removed, same data_dir) reads the detections from the cache: no detector call.
+  import shutil
+  shutil.rmtree(tmp_path / "data" / "bp4d")
+  again = CountingAligner(frame_aligner)
+  rebuilt = prepare("bp4d", manual, tmp_path / "data", aligner=again)
+  assert again.calls == 0 and rebuilt.cropper.cache_hits == 6
+  r0, r1 = records[0], rebuilt.as_data_source(split="part1")[0]
+  np.testing.assert_array_equal(r0["landmarks"], r1["landmarks"])
+  np.testing.assert_array_equal(r0["image"], r1["image"])
+  # A changed image is detected again; the others still come from the cache.
+  write_image(manual / "2D+3D" / "M011" / "T1" / "11.jpg", face_frame(astronaut, 1392, 1040, scale=1.8))
+  shutil.rmtree(tmp_path / "data" / "bp4d")
+  third = CountingAligner(frame_aligner)
+  built3 = prepare("bp4d", manual, tmp_path / "data", aligner=third)
+  assert third.calls == 1 and built3.cropper.no_face == [] and built3.info.splits["part2"].num_examples == 3
+
+
+def test_detected_records_feed_the_occluders(tmp_path, frame_aligner, astronaut):
+  # au_pipeline reads record landmarks: the mask drawn with them covers the detected mouth, not a centred guess.
+  from maejax.data import occlusion
+  manual = tmp_path / "manual"
+  make_bp4d(manual, subjects=("F001",), tasks=("T1",), n_frames=1,
+            image_fn=lambda si, ti, fi: face_frame(astronaut, 1392, 1040, offset=(0, 0), scale=1.8))
+  r = prepare("bp4d", manual, tmp_path / "data", aligner=frame_aligner).as_data_source(split="part1")[0]
+  mask = occlusion.surgical_mask_mask((256, 256), r["landmarks"])
+  mx, my = np.rint(r["landmarks"][3]).astype(int)
+  assert mask[my, mx]
+
+
+def test_align_options_are_checked(tmp_path):
+  with pytest.raises(ValueError, match="align='landmarks'"):
+    Bp4d(data_dir=str(tmp_path), landmarks_dir="lm")
+  with pytest.raises(ValueError, match="expected one of"):
+    Bp4d(data_dir=str(tmp_path), align="box")
+  manual = tmp_path / "manual"
+  make_bp4d(manual, subjects=("F001",), tasks=("T1",), n_frames=1)
+  import tensorflow_datasets as tfds
+  with pytest.raises(ValueError, match="needs a face aligner"):
+    Bp4d(data_dir=str(tmp_path / "d")).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_au import DISFA_AUS, corrupt, make_disfa
+from fixtures_au import DISFA_AUS, corrupt, face_frame, make_disfa
 
 from maejax.data import folds
 from maejax.data.disfa import Disfa, read_intensity_txt
@@ -290,3 +290,41 @@ def test_prepare_cli_frame_index_base(tmp_path):
                       text=True, env=env)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert _check(data_source("disfa", "part1", data_dir=tmp_path / "d2"), truth, "SN001") == {1, 2}
+
+
+# ------------------------------------------------------------------------------------- align="detect"
+
+
+@pytest.fixture(scope="module")
+def frame_aligner():
+  faces = pytest.importorskip("maejax.faces")
+  try:
+    faces.fetch_models()
+  except faces.ModelFetchError as e:
+    pytest.skip(f"BlazeFace models unavailable: {e}")
+  with faces.FrameAligner() as a:
+    yield a
+
+
+@pytest.mark.parametrize("layout", ["frames", pytest.param("video", marks=pytest.mark.skipif(
+  not HAS_AV, reason="PyAV is needed to write the AVI fixture"))])
+def test_build_with_detected_faces(tmp_path, frame_aligner, layout):
+  astronaut = np.ascontiguousarray(pytest.importorskip("skimage.data").astronaut())
+
+  def image_fn(si, f):  # DISFA's 1024×768 left-camera frames; video frame 1 (label frame 2) of SN001 is empty
+    if (si, f) == (0, 1):
+      return np.full((768, 1024, 3), 120, np.uint8)
+    return face_frame(astronaut, 768, 1024, offset=(15 * f, -10 * si), scale=1.2)
+
+  manual = tmp_path / "manual"
+  make_disfa(manual, subjects=("SN001", "SN013"), n_frames=3, layout=layout, image_fn=image_fn)
+  builder = prepare("disfa", manual, tmp_path / "data", aligner=frame_aligner)
+  assert str(builder.version) == "2.0.0" and builder.info.metadata["align"] == "detect"
+  assert sorted(int(r["frame"]) for r in builder.as_data_source(split="part1")) == [1, 3]
+  assert len(builder.as_data_source(split="part2")) == 3
+  (line,) = builder.cropper.no_face
+  assert line.startswith("SN001\t2\t") and (Path(builder.data_dir) / "no_face.txt").read_text() == line + "\n"
+  for r in builder.as_data_source(split="part2"):
+    np.testing.assert_allclose(r["landmarks"][:2], [[95.5, 121.1], [159.5, 121.1]], atol=8)
+  cache = tmp_path / "data" / "downloads" / "face_detections" / "disfa"
+  assert sorted(p.name for p in cache.iterdir()) == ["SN001.json", "SN013.json"]
