@@ -1,6 +1,10 @@
 """MAE pretraining. ``--config=configs/mae_pretrain.py`` (tiny CPU default on synthetic faces) or
 ``:vit_b`` / ``:vit_l`` / ``:vit_h`` (the paper's recipe at 224 px); ``steps=N`` sets total_steps
-(e.g. ``:smoke,steps=4``)."""
+(e.g. ``:smoke,steps=4``).
+
+Other objectives (``model.objective``): ``:bootmae``, ``:sdae``, ``:sdmae``, ``:mcm`` (tiny, CPU) and
+``:bootmae_smoke`` … ``:mcm_smoke`` (CI); :func:`set_objective` turns any of these configs (also another stage's
+``c.mae``) into one of them, with the section ``c.<objective>`` (and ``c.ema`` for the self-teachers)."""
 
 import ml_collections
 
@@ -8,7 +12,8 @@ from maejax.config_utils import load_sibling
 
 common = load_sibling(__file__, "common")
 
-VARIANTS = ("tiny", "smoke", "vit_b", "vit_l", "vit_h")
+OBJECTIVES = ("bootmae", "sdae", "sdmae", "mcm")
+VARIANTS = ("tiny", "smoke", "vit_b", "vit_l", "vit_h", *OBJECTIVES, *(f"{o}_smoke" for o in OBJECTIVES))
 
 
 def model(size: str | None, img_size: int, patch_size: int, **kw) -> ml_collections.ConfigDict:
@@ -30,7 +35,50 @@ def model(size: str | None, img_size: int, patch_size: int, **kw) -> ml_collecti
   m.remat = False
   m.mask_token_in_encoder = False  # the paper's no-skipping baseline
   m.attention = "einsum"  # "einsum": fastest on CPU; on GPU/TPU "xla", or "cudnn" (GPU, bf16: fused flash attention)
+  m.objective = "mae"  # "mae" | "bootmae" | "sdae" | "sdmae" | "mcm" (see set_objective)
   return m
+
+
+def ema(kind: str, m0: float, m1: float = 1.0, knots=(), values=(), every: int = 1) -> ml_collections.ConfigDict:
+  """Momentum schedule of a self-teacher (trainers/common.py::ema_momentum_schedule); ``knots`` are fractions of
+  the run's EMA updates, one update every ``every`` steps."""
+  return ml_collections.ConfigDict(dict(kind=kind, m0=m0, m1=m1, knots=tuple(knots), values=tuple(values),
+                                        every=every))
+
+
+def set_objective(c: ml_collections.ConfigDict, objective: str, size: str = "tiny") -> ml_collections.ConfigDict:
+  """Makes the MAE config ``c`` (of ``size``: "tiny", "smoke" or a paper size) pretrain with ``objective``.
+
+  Self-teacher momenta: the papers' schedules span 300–800 epochs; the CPU sizes keep the fraction of training
+  per time constant 1/(1 − m) instead (a 300-step run with m = 0.999 would never move its teacher).
+  """
+  paper = size not in ("tiny", "smoke")
+  c.model.objective = objective
+  if objective == "bootmae":
+    c.bootmae = ml_collections.ConfigDict(dict(
+        feature_target=True, target_aware=True, pixel_context_block=0, feature_context_block=-1, decoder_depth=2,
+        feature_decoder_heads=0, feature_weight=1.0, feature_ramp=0.25, weight_mask=True, pixel_norm="bootmae",
+        block_masking=True, block_mask_fraction=0.61))
+    # Official (ViT-B, 800 epochs): 0.999 → 0.9999 over the first 100 epochs, → 0.99999 by epoch 400.
+    c.ema = ema("knots", 0.0, knots=(0.0, 0.125, 0.5),
+                values=(0.999, 0.9999, 0.99999) if paper else (0.99, 0.995, 0.998))
+    c.model.decoder_depth = 2
+  elif objective == "sdae":
+    c.sdae = ml_collections.ConfigDict(dict(k_folds=3, cos_axis="feature", drop_path=0.25 if paper else 0.0))
+    # Official: one update per epoch, cosine 0.96 → 0.99 over 300 epochs.
+    c.ema = ema("cosine", 0.96 if paper else 0.9, 0.99, every=1251 if paper else (2 if size == "smoke" else 20))
+  elif objective == "sdmae":
+    heads = dict(out_dim=4096, hidden=2048, bottleneck=256) if paper else dict(out_dim=256, hidden=256, bottleneck=64)
+    c.sdmae = ml_collections.ConfigDict(dict(
+        p=0.2, tau_s=0.1, tau_t=0.04, center_momentum=0.9, center_mode="sdmae", stop_grad=True, pixel_norm="sdmae",
+        **heads))
+  elif objective == "mcm":
+    if c.data.name != "synthfaces":
+      raise ValueError("mae_pretrain: objective 'mcm' needs a depth modality: data.name='synthfaces'")
+    c.mcm = ml_collections.ConfigDict(dict(aux=(("depth", 1),), drop=1, dropped_everywhere=True))
+  else:
+    raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+  return c
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,6 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 def make(variant: str = "tiny", *, steps: int = 0) -> ml_collections.ConfigDict:
   """The config of ``variant``; ``steps`` > 0 replaces its total_steps."""
   common.check_variant(__file__, variant, VARIANTS)
+  objective, _, size = variant.partition("_")
+  if objective in OBJECTIVES:
+    return set_objective(make(size or "tiny", steps=steps), objective, size or "tiny")
   c = common.base("mae_pretrain")
   if variant == "tiny":
     # ~1 M parameters at 64 px (64 patches of 8x8): learns visibly in a few CPU minutes.

@@ -1,4 +1,6 @@
-"""Stage 1: MAE pretraining (He et al.): 75 % masking, norm-pix MSE on masked patches."""
+"""Stage 1: MAE pretraining (He et al.): 75 % masking, norm-pix MSE on masked patches. The other objectives
+(``config.model.objective``: BootMAE, SdAE, SD-MAE, MCM) are trained by ``trainers/objectives.py`` through the
+same entry, :func:`train`."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from maejax import sharding, viz
 from maejax.data import pipeline
 from maejax.models.mae import MAE, MAEConfig
 from maejax.models.vit import patchify, unpatchify
-from maejax.trainers import common
+from maejax.trainers import common, objectives
 
 
 def build_model(cfg: ml_collections.ConfigDict | Mapping[str, Any], **overrides) -> MAE:
@@ -52,7 +54,9 @@ def reconstruction_figure(model: MAE, params, images_uint8: np.ndarray, path: st
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
-  """Runs MAE pretraining into ``workdir`` (resuming when it has a checkpoint)."""
+  """Runs MAE pretraining (or ``config.model.objective``) into ``workdir`` (resuming when it has a checkpoint)."""
+  if objectives.objective_of(config) != "mae":
+    return objectives.train(config, workdir)
   mc = MAEConfig.from_config(config.model)
   model = mc.build()
   mesh = sharding.make_mesh(config.mesh)
