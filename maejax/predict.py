@@ -46,7 +46,10 @@ from maejax.data.images import IMAGE_EXTS, VIDEO_EXTS
 THRESHOLD = 0.5  # the AU head's probabilities are thresholded at 0.5 (DESIGN §4), as in training and F1
 FACES_MODES = ("detect", "aligned")
 ALIGN_SIZE = 256  # side of the aligned FFHQ-style square (the datasets' crop size)
-MODEL_VIEW = 224  # the model reads the centre MODEL_VIEW / ALIGN_SIZE of it (ME-GraphAU's evaluation crop)
+# The model reads the centre MODEL_VIEW / ALIGN_SIZE of the aligned crop: all of it, because the AU pipelines train
+# and evaluate on the whole prepared record (the same aligned square) resized to the model's input; training's
+# random shift of up to S/14 stands in for ME-GraphAU's random 224-of-256 crop.
+MODEL_VIEW = 256
 SMOOTH_ALPHA = 0.5  # EMA weight of the newest frame's crop square in video (FaceTracker)
 MAX_CARRY = 5  # frames a lost face is carried at its last box (0.2 s at 25 frames/s)
 # BlazeFace gives the mouth centre only: faces' rows mouth_l / mouth_r are the same point, written once.
@@ -614,8 +617,8 @@ def _define_flags():
                       "gets one row with success=0).")
   flags.DEFINE_string("model", "", "teacher | a student name (kd, kd_drop, occl_aug, ...); default: kd when "
                       "trained, else teacher.")
-  flags.DEFINE_enum("faces", "detect", list(FACES_MODES), "detect: find, align (FFHQ-style square, its centre "
-                    "224/256) and track faces with BlazeFace (needs the faces extra); aligned: the inputs already "
+  flags.DEFINE_enum("faces", "detect", list(FACES_MODES), "detect: find, align (FFHQ-style square at 256 px, "
+                    "read whole) and track faces with BlazeFace (needs the faces extra); aligned: the inputs already "
                     "are face crops, each image / frame is only resized to the model's input.")
   flags.DEFINE_integer("max_faces", 1, "With --faces=detect: faces per frame, the largest first.", lower_bound=1)
   flags.DEFINE_integer("max_carry", MAX_CARRY, "With --faces=detect, in video: frames a lost face is carried at "

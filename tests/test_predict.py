@@ -54,16 +54,17 @@ def test_columns_are_openface_style():
     "AU01_p", "AU12_p", "AU01_c", "AU12_c"]
 
 
-def test_model_input_is_the_centre_224_of_256_resized():
+def test_model_input_is_the_whole_aligned_crop_resized():
+  """As the AU pipelines' evaluation view: the whole aligned square, bicubic-resized to the model's input."""
   crop = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(predict.model_input(crop, 224), crop[16:240, 16:240])
-  ref = np.asarray(Image.fromarray(crop[16:240, 16:240]).resize((32, 32), Image.BICUBIC))
+  np.testing.assert_array_equal(predict.model_input(crop, 256), crop)
+  ref = np.asarray(Image.fromarray(crop).resize((32, 32), Image.BICUBIC))
   np.testing.assert_array_equal(predict.model_input(crop, 32), ref)
   # input_to_crop inverts the geometry: input pixel centres land on the resampled crop positions.
   a = predict.input_to_crop(32)
-  # Input pixel 0 covers crop edges 16..23 (7 crop px per input px): its centre is crop pixel 19.0.
-  np.testing.assert_allclose(a @ np.array([0, 0, 1.0]), [19.0, 19.0])
-  np.testing.assert_allclose(a @ np.array([31, 31, 1.0]), [19.0 + 31 * 7, 19.0 + 31 * 7])
+  # Input pixel 0 covers crop edges 0..8 (8 crop px per input px): its centre is crop pixel 3.5.
+  np.testing.assert_allclose(a @ np.array([0, 0, 1.0]), [3.5, 3.5])
+  np.testing.assert_allclose(a @ np.array([31, 31, 1.0]), [3.5 + 31 * 8, 3.5 + 31 * 8])
 
 
 def test_list_inputs(tmp_path):
