@@ -46,6 +46,7 @@ import zipfile
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 KEYPOINT_NAMES = ("eye_l", "eye_r", "nose", "mouth_l", "mouth_r")
@@ -371,6 +372,32 @@ def align(image: np.ndarray, det: Detection, size: int = 256, method: str = "ffh
 # ------------------------------------------------------------------------------------------------ detector
 
 
+@contextlib.contextmanager
+def _native_stderr_to_log():
+  """Sends what native code writes to file descriptor 2 (mediapipe / LiteRT / glog start-up and shut-down INFO
+  lines, tens per detector) to the absl log at DEBUG instead of the console; on an exception it goes back to
+  stderr, so a failure keeps its native message."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as tmp:
+    os.dup2(tmp.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      tmp.seek(0)
+      text = tmp.read().decode(errors="replace")
+      if text and failed:
+        sys.stderr.write(text)
+      elif text:
+        logging.debug("mediapipe native log:\n%s", text)
+
+
 def _import_mediapipe():
   try:
     import mediapipe
@@ -419,14 +446,15 @@ class FaceDetector:
       raise ValueError(f"max_faces={max_faces}: expected ≥ 1 or None")
     self.models = resolve_models(face_model, cache_dir)
     self.max_faces = max_faces
-    self._mp, vision, base_options = _import_mediapipe()
     self._stages = []
-    for name, path in self.models:
-      score = min_score if min_score is not None else MIN_SCORE.get(name, 0.5)
-      opts = vision.FaceDetectorOptions(base_options=base_options(model_asset_path=path),
-                                        running_mode=vision.RunningMode.IMAGE, min_detection_confidence=score,
-                                        min_suppression_threshold=suppression)
-      self._stages.append((name, vision.FaceDetector.create_from_options(opts)))
+    with _native_stderr_to_log():
+      self._mp, vision, base_options = _import_mediapipe()
+      for name, path in self.models:
+        score = min_score if min_score is not None else MIN_SCORE.get(name, 0.5)
+        opts = vision.FaceDetectorOptions(base_options=base_options(model_asset_path=path),
+                                          running_mode=vision.RunningMode.IMAGE, min_detection_confidence=score,
+                                          min_suppression_threshold=suppression)
+        self._stages.append((name, vision.FaceDetector.create_from_options(opts)))
 
   def detect(self, image: np.ndarray) -> list[Detection]:
     if not self._stages:
@@ -448,8 +476,9 @@ class FaceDetector:
     return [align(image, d, size, method, box_scale) for d in self.detect(image)]
 
   def close(self) -> None:
-    while self._stages:
-      self._stages.pop()[1].close()
+    with _native_stderr_to_log():
+      while self._stages:
+        self._stages.pop()[1].close()
 
   def __enter__(self):
     return self

@@ -253,7 +253,7 @@ def test_prepare_cli(tmp_path):
   ok = subprocess.run(cmd + [f"--data_dir={tmp_path / 'd2'}", "--skip_bad"], capture_output=True, text=True,
                       env=env)
   assert ok.returncode == 0, ok.stderr[-2000:]
-  assert "skipped 1 bad BP4D inputs" in ok.stderr and "part1: 1 examples" in ok.stderr
+  assert "skipped 1 bad BP4D inputs" in ok.stdout and "part1: 1 examples" in ok.stdout
   assert len(data_source("bp4d", "part1", data_dir=tmp_path / "d2")) == 1
 
 

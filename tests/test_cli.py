@@ -95,8 +95,7 @@ def test_prepare_with_a_corrupt_label_file(tmp_path):
   path.write_text(path.read_text().replace(",0,", ",5,", 1))
   proc = run("maejax.data.prepare", "--dataset=bp4d", f"--manual_dir={tmp_path / 'bp4d'}",
              f"--data_dir={tmp_path / 'tfds'}")
-  # prepare reports its progress and results as absl INFO lines; the error is the one other line.
-  error_line(proc, "maejax.data.prepare", "F007_T1.csv", "line 2", ignore_info=True)
+  error_line(proc, "maejax.data.prepare", "F007_T1.csv", "line 2")
 
 
 def _write_lock(workdir, pid):

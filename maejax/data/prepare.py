@@ -102,6 +102,8 @@ _FRAME_INDEX_BASE = flags.DEFINE_integer(
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # TFDS logs every build step at INFO; the summary below is printed
   kwargs: dict[str, Any] = {"landmarks_dir": _LANDMARKS_DIR.value}
   if _DATASET.value == "bp4d":
     kwargs["images_subdir"] = _IMAGES_SUBDIR.value
@@ -112,10 +114,10 @@ def main(argv: Sequence[str]) -> None:
   builder = prepare(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, skip_bad=_SKIP_BAD.value,
                     align=_ALIGN.value, face_model=_FACE_MODEL.value, **kwargs)
   for split, info in sorted(builder.info.splits.items()):
-    logging.info("%s %s: %d examples", builder.name, split, info.num_examples)
+    print(f"{builder.name} {split}: {info.num_examples} examples", flush=True)
   no_face = len(builder.cropper.no_face) if builder.cropper is not None else 0
-  logging.info("%s: %s; %d unlabelled images not used; %d labelled frames without a face left out. Written to %s",
-               builder.name, builder.bad.summary(), builder.num_unlabelled_images, no_face, builder.data_dir)
+  print(f"{builder.name}: {builder.bad.summary()}; {builder.num_unlabelled_images} unlabelled images not used; "
+        f"{no_face} labelled frames without a face left out. Written to {builder.data_dir}", flush=True)
 
 
 if __name__ == "__main__":
