@@ -80,6 +80,8 @@ def evaluation(examples: int, batch: int) -> ml_collections.ConfigDict:
   e.batch_size = batch
   e.drop_threshold = 0.5  # token dropping: drop patches more occluded than this
   e.conditions = ("clean",)
+  e.split = "test"  # "test" (held-out subjects) or "val" (data.val_fraction of the training subjects: tuning)
+  e.calibrate = False  # au_occl: per-AU F1-optimal thresholds on "val"; adds a "ROW (cal)" row per row
   return e
 
 

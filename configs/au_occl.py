@@ -4,7 +4,10 @@
 faces), ``:bench`` (more steps, ≤ 30 min; ``--config.seed=N`` for repeats), ``:smoke`` (CI, ≤ 3 min),
 ``:bp4d`` / ``:disfa`` (ViT-B 224 px on the prepared TFDS data, fold ``fold=1..3``; run the three folds and
 ``python -m maejax.report DIR1/report DIR2/report DIR3/report`` for the 3-fold average); ``seed=N`` seeds the
-whole chain.
+whole chain; ``fraction=F`` keeps the labels of a fraction F of the training frames (``data.label_fraction``).
+``:kd_study`` (the KD family in the label-scarce regime, one label fraction per run, e.g.
+``:kd_study,fraction=0.3``; ``tune=true``: every row's candidate hyper-parameters, reported on the validation
+subjects) and ``:kd_smoke`` (its CI-sized version).
 A stage whose final checkpoint exists in DIR is skipped; ``--config.mode=eval`` only rebuilds the report.
 """
 
@@ -17,7 +20,7 @@ au_finetune = load_sibling(__file__, "au_finetune")
 mae_pretrain = load_sibling(__file__, "mae_pretrain")
 common = au_finetune.common
 
-VARIANTS = ("default", "bench", "smoke", "bp4d", "disfa")
+VARIANTS = ("default", "bench", "smoke", "bp4d", "disfa", "kd_study", "kd_smoke")
 
 # Students: config.student overridden per name.
 STUDENTS = {
@@ -51,6 +54,43 @@ VARIANT_STUDENTS = {
 }
 
 
+# The KD study (issue 15; SEED_METHODS.md §4, §5, §7): which knowledge transfer from the clean-face teacher pays
+# when labels are scarce. Every row shares the teacher, the step budget, the occlusion sampling
+# (student.train_conditions) and the labelled subset; each student differs from "kd" / "occl_aug" only in the
+# weights named here.
+STUDY_STUDENTS = {
+    "occl_aug": {"node_kd": 0.0, "edge_kd": 0.0},  # baseline: occlusion augmentation, labels only
+    "pseudo": {"node_kd": 0.0, "edge_kd": 0.0, "pseudo_label": 1.0},  # baseline: self-training on the teacher
+    "prob_kd": {"node_kd": 0.0, "edge_kd": 0.0, "prob_kd": 1.0},  # Hinton's soft targets
+    "kd": {},  # node + edge KD (the occlusion-robust AU paper)
+    "kd_latent": {"latent_kd": 1.0},
+    "kd_triplet": {"triplet_kd": 1.0},
+    "online_kd": {"node_kd": 0.0, "edge_kd": 0.0, "prob_kd": 1.0, "online_kd": True},  # mutual learning
+}
+STUDY_ROWS = (
+    ("clean teacher", "teacher", ""),
+    ("occl-aug baseline", "occl_aug", ""),
+    ("pseudo-label baseline", "pseudo", ""),
+    ("probability KD", "prob_kd", ""),
+    ("node+edge KD", "kd", ""),
+    ("+ latent KD", "kd_latent", ""),
+    ("+ triplet KD", "kd_triplet", ""),
+    ("online KD", "online_kd", ""),
+)
+# The hyper-parameter search, the same budget for every row: three candidates of the row's own weights
+# (``tune=true`` trains all of them and reports them on the validation subjects, never the test subjects; the
+# teacher is shared and not tuned). STUDY_STUDENTS holds the middle candidates until a tuning run picks others.
+STUDY_SEARCH = {
+    "occl_aug": tuple({"edge_weight": w} for w in (0.02, 0.05, 0.15)),
+    "pseudo": tuple({"pseudo_label": w} for w in (0.3, 1.0, 3.0)),
+    "prob_kd": tuple({"prob_kd": w} for w in (0.3, 1.0, 3.0)),
+    "kd": tuple({"node_kd": w, "edge_kd": w} for w in (0.3, 1.0, 3.0)),
+    "kd_latent": tuple({"latent_kd": w} for w in (0.3, 1.0, 3.0)),
+    "kd_triplet": tuple({"triplet_kd": w} for w in (0.3, 1.0, 3.0)),
+    "online_kd": tuple({"online_mutual": w} for w in (0.3, 1.0, 3.0)),
+}
+
+
 def student(steps: int, batch: int, lr: float, warmup: int) -> ml_collections.ConfigDict:
   s = au_finetune.run(steps, batch, lr, warmup)
   s.encoder = "frozen"  # "frozen" | "finetune" | "partial:K" (last K blocks)
@@ -67,20 +107,47 @@ def student(steps: int, batch: int, lr: float, warmup: int) -> ml_collections.Co
   s.train_keep_ratio = 0.5
   s.occ_predictor = False  # train the per-patch occlusion predictor (BCE, weight occ_weight)
   s.occ_weight = 1.0
+  # The KD family (losses.py, "AU: the KD family"); 0 / False = off.
+  s.prob_kd = 0.0  # probability KD (Hinton): BCE to the teacher's clean-face probabilities at temperature T
+  s.prob_kd_T = 2.0  # its temperature, on the logit of the probability; also online KD's mutual term
+  s.pseudo_label = 0.0  # WAL on the teacher's thresholded clean-face predictions, unlabelled entries only
+  s.pseudo_threshold = 0.5
+  s.latent_kd = 0.0  # transformed tokens regress the teacher encoder's (per-token normalised) clean tokens
+  s.latent_kd_where = "all"  # "all" patches | "occluded" ones only
+  s.triplet_kd = 0.0  # per-AU triplet on node features (anchor student, positive / hardest negative teacher)
+  s.triplet_margin = 0.2
+  s.triplet_normalize = True  # L2-normalise node features first (the margin then lives on [0, 2])
+  s.online_kd = False  # train the teacher jointly (its own loss on clean labelled faces + distillation from us)
+  s.online_mutual = 1.0  # the teacher's weight on probability KD toward the student (online_kd only)
   s.seed_offset = 1
   s.layer_decay = 1.0
   return s
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: ``VARIANT[,fold=K][,seed=N]``."""
-  return make(**common.parse_arg(arg, __file__, VARIANTS, variant="default", fold=1, seed=0))
+  """``arg``: ``VARIANT[,fold=K][,seed=N][,fraction=F][,tune=BOOL]``."""
+  return make(**common.parse_arg(arg, __file__, VARIANTS, variant="default", fold=1, seed=0, fraction=0.0,
+                                 tune=False))
 
 
-def make(variant: str = "default", *, fold: int = 1, seed: int = 0) -> ml_collections.ConfigDict:
+def make(variant: str = "default", *, fold: int = 1, seed: int = 0, fraction: float = 0.0,
+         tune: bool = False) -> ml_collections.ConfigDict:
   """The chained job of ``variant``: the au_finetune config of its size plus ``mae``, ``student``,
-  ``students`` and ``rows``."""
+  ``students`` and ``rows``; ``fraction``: ``data.label_fraction`` (0 = the variant's: 0.5 for kd_smoke, which
+  exercises the labelled / unlabelled batches, else 1); ``tune``: the KD study's search."""
   common.check_variant(__file__, variant, VARIANTS)
+  fraction = fraction or (0.5 if variant == "kd_smoke" else 1.0)
+  study = variant in ("kd_study", "kd_smoke")
+  if tune and not study:
+    raise ValueError(f"{__file__}: tune=true applies to the kd_study / kd_smoke variants, not {variant!r}")
+  if study:
+    return _kd_study(variant == "kd_smoke", seed=seed, fraction=fraction, tune=tune)
+  c = _make(variant, fold=fold, seed=seed)
+  c.data.label_fraction = fraction
+  return c
+
+
+def _make(variant: str, *, fold: int, seed: int) -> ml_collections.ConfigDict:
   cpu = variant in ("default", "bench")
   c = au_finetune.make("tiny" if cpu else variant, fold=fold, seed=seed)
   c.stage = "au_occl"
@@ -110,6 +177,42 @@ def make(variant: str = "default", *, fold: int = 1, seed: int = 0) -> ml_collec
   names = VARIANT_STUDENTS[variant]
   c.students = ml_collections.ConfigDict({n: over for n, over in STUDENTS.items() if n in names})
   c.rows = tuple(r for r in ROWS if r[1] == "teacher" or r[1] in names)
+  return c
+
+
+def _kd_study(smoke: bool, *, seed: int, fraction: float, tune: bool) -> ml_collections.ConfigDict:
+  """``:kd_study`` / ``:kd_smoke``: the study's rows at one label fraction (1.0, 0.3 and 0.1 in the study), the
+  validation subjects held out of training (tuning and threshold calibration), calibrated rows beside the plain
+  ones; ``tune``: the rows' search candidates, evaluated on the validation subjects."""
+  c = _make("smoke" if smoke else "default", fold=1, seed=seed)
+  c.data.label_fraction = fraction
+  c.data.val_fraction = 0.25 if smoke else 0.2  # of the training subjects (default data: 45 → 36 train + 9 val)
+  if smoke:  # CI: every new loss and row at the smoke size (≤ 3 min on 2 cores)
+    c.data.labelled_per_batch = 4
+    c.student.train_conditions = ("clean", "patches_random", "block_upper", "block_lower")
+  else:
+    # Budget (2 CPU cores alone; per-step costs measured for the default job at batch 64: MAE 0.16 s, teacher
+    # stage 1 0.22 s, stage 2 0.38 s, student 0.55 s; online KD ≈ 0.8 s: the student step minus the frozen
+    # teacher's forward plus a stage-2 training step): MAE 400 steps 64 s; teacher 1000 + 150 steps 277 s;
+    # 6 students × 150 steps 495 s; online KD 150 steps 120 s; compilation ≈ 200 s cold (the XLA cache serves
+    # the next fractions); calibration of 8 models on 192 validation faces and 16 rows × 6 conditions × 192
+    # faces of evaluation ≈ 100 s. One fraction ≈ 21 min cold; the three fractions of one seed ≈ 56 min.
+    # tune=true trains 3 candidates per row (21 students): ≈ 35 min per fraction.
+    c.teacher.stage1.total_steps, c.teacher.stage2.total_steps = 1000, 150
+    c.data.labelled_per_batch = 16  # of 64: label terms never starve at fraction 0.1 (≈ 6 per batch otherwise)
+  c.eval.calibrate = not tune
+  if tune:
+    c.eval.split = "val"
+    students, rows = {}, [STUDY_ROWS[0]]
+    for row, name, drop in STUDY_ROWS[1:]:
+      for k, over in enumerate(STUDY_SEARCH[name]):
+        students[f"{name}_t{k}"] = {**STUDY_STUDENTS[name], **over}
+        rows.append((f"{row} [{', '.join(f'{a}={b}' for a, b in over.items())}]", f"{name}_t{k}", drop))
+    c.students = ml_collections.ConfigDict(students)
+    c.rows = tuple(rows)
+  else:
+    c.students = ml_collections.ConfigDict(STUDY_STUDENTS)
+    c.rows = STUDY_ROWS
   return c
 
 

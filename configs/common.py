@@ -35,6 +35,11 @@ def synthfaces(image_size: int = 64) -> ml_collections.ConfigDict:
   d.num_subjects = 60
   d.frames_per_subject = 200
   d.test_fraction = 0.25
+  d.val_fraction = 0.0  # AU stages: > 0 carves a subject-exclusive "val" split out of the training subjects
+  # AU label-scarce regime: the fraction of training frames that keep their labels (a fixed subset by config.seed;
+  # the others get −1) and the labelled frames in every student batch (0 = a quarter of the batch).
+  d.label_fraction = 1.0
+  d.labelled_per_batch = 0
   d.image_size = image_size
   d.crop_scale = (0.2, 1.0)
   d.worker_count = 0

@@ -12,7 +12,8 @@ at its top level)::
     WORKDIR/report/                 report.json, per-AU CSV, plots
 
 Each model directory holds ``checkpoints/`` (:mod:`maejax.checkpoints`) whose ``config`` item is an
-:class:`~maejax.models.au_model.AUModelConfig`.
+:class:`~maejax.models.au_model.AUModelConfig`, and, when the trainer calibrated it (``config.eval.calibrate``),
+``calibration.json``: per-AU decision thresholds chosen on the validation split (:func:`f1_optimal_thresholds`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ MAE_DIR = "mae"
 TEACHER_DIR = "teacher"
 STUDENTS_DIR = "students"
 REPORT_DIR = "report"
+CALIBRATION_FILE = "calibration.json"
 DROP_POLICIES = ("", "mask", "pred")  # all tokens | drop the known occluded patches | drop the predicted ones
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -98,6 +100,7 @@ class LoadedAUModel:
   aus: tuple[int, ...]
   path: str
   config: AUModelConfig
+  thresholds: np.ndarray | None = None  # per-AU thresholds of its calibration.json (None: 0.5)
 
   @property
   def img_size(self) -> int:
@@ -138,7 +141,7 @@ def load(workdir: str, model: str = "", aus: Sequence[int] | None = None, attent
   aus = tuple(int(a) for a in aus) if aus else default_aus(cfg.num_aus, path)
   if len(aus) != cfg.num_aus:
     raise ValueError(f"{len(aus)} AUs given ({list(aus)}) but the model in {path} predicts {cfg.num_aus}")
-  return LoadedAUModel(cfg.build(), variables, aus, path, cfg)
+  return LoadedAUModel(cfg.build(), variables, aus, path, cfg, read_calibration(path, cfg.num_aus))
 
 
 # ------------------------------------------------------------------------------------------- prediction
@@ -220,13 +223,14 @@ def predict_probs(loaded: LoadedAUModel, images: np.ndarray, drop: str = "", dro
 
 
 def evaluate(model: AUModel, variables: Mapping, config, conditions: Sequence[str], *, drop: str = "",
-             examples: bool = False) -> dict[str, dict]:
+             examples: bool = False, thresholds: np.ndarray | None = None) -> dict[str, dict]:
   """Per-condition ``{"f1": (N,), "ratio": mean occluded fraction, "adjacency": (N, N), "examples"}`` on the
-  held-out split of ``config.data`` (``config.eval``: examples, batch_size, drop_threshold; ``config.seed``
-  fixes the example subset and the occlusions). ``drop``: one of :data:`DROP_POLICIES`."""
+  held-out split of ``config.data`` (``config.eval``: split ("test" default, "val" for tuning), examples,
+  batch_size, drop_threshold; ``config.seed`` fixes the example subset and the occlusions). ``drop``: one of
+  :data:`DROP_POLICIES`. ``thresholds (N,)``: per-AU decision thresholds (calibration) instead of 0.5."""
   if drop not in DROP_POLICIES:
     raise ValueError(f"row drop must be one of {DROP_POLICIES}, got {drop!r}")
-  src = au_pipeline.au_source(config.data, "test")
+  src = au_pipeline.au_source(config.data, config.eval.get("split", "test"))
   ev = config.eval
   idx = au_pipeline.eval_indices(len(src), ev.get("examples"), config.seed)
   fns = predictor(model)
@@ -245,7 +249,7 @@ def evaluate(model: AUModel, variables: Mapping, config, conditions: Sequence[st
         ids = drop_for(model, pad_batch(frac, ev.batch_size), ev.drop_threshold)
       probs, a = fns.probs(variables, images, ids)
       probs = np.asarray(probs)[:n]
-      counts.update(probs, batch["au"])
+      counts.update(probs if thresholds is None else binarize(probs, thresholds), batch["au"])
       ratios.append(batch["patch_frac"].mean(1))
       adj.append(np.asarray(a))
       if examples and not shown:
@@ -253,3 +257,84 @@ def evaluate(model: AUModel, variables: Mapping, config, conditions: Sequence[st
     out[cond] = {"f1": counts.f1(), "ratio": float(np.concatenate(ratios).mean()),
                  "adjacency": np.mean(adj, 0), "examples": shown}
   return out
+
+
+# ------------------------------------------------------------------------------------------ calibration
+# Graceful degradation under occlusion: an F1-optimal threshold per AU, chosen on validation faces under the
+# training occlusion mix. Where the occluded face says little about an AU, the best threshold drops toward
+# "present", whose F1 is the prior's 2r/(1 + r), instead of the 0.5 threshold's near-zero recall.
+
+
+def f1_optimal_thresholds(probs: np.ndarray, labels: np.ndarray, default: float = 0.5) -> np.ndarray:
+  """Per AU, the threshold ``t`` (predict present iff ``p ≥ t``) maximising ``F1 = 2TP / (2TP + FP + FN)`` over
+  the known (≥ 0) labels. Candidates: the smallest probability (every face present) and the midpoints between
+  consecutive distinct probabilities; among equal F1 the candidate closest to ``default``. An AU with no known
+  positive keeps ``default``. ``probs, labels: (M, N)`` → float64 ``(N,)`` (a float32 copy of a threshold could
+  round above the probability it must admit)."""
+  probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+  if probs.ndim != 2 or probs.shape != labels.shape:
+    raise ValueError(f"probs and labels must both be (M, N), got {probs.shape} and {labels.shape}")
+  out = np.full(probs.shape[1], default, np.float64)
+  for i in range(probs.shape[1]):
+    known = labels[:, i] >= 0
+    p, y = probs[known, i], labels[known, i] == 1
+    if not y.any():
+      continue
+    v = np.unique(p)
+    cands = np.concatenate([v[:1], (v[:-1] + v[1:]) / 2])
+    predicted = len(p) - np.searchsorted(np.sort(p), cands, side="left")
+    tp = y.sum() - np.searchsorted(np.sort(p[y]), cands, side="left")
+    f1 = 2 * tp / (predicted + y.sum())
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+    out[i] = cands[best[np.argmin(np.abs(cands[best] - default))]]
+  return out
+
+
+def binarize(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  """``1[p ≥ t_i]`` as float32 ``(B, N)``: decisions that the 0.5 threshold of the F1 counters keeps as they are."""
+  return (np.asarray(probs) >= np.asarray(thresholds)[None]).astype(np.float32)
+
+
+def calibration_data(model: AUModel, variables: Mapping, config, conditions: Sequence[str]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """``(probs, labels)`` ``(M, N)`` on the validation split under a per-face occlusion drawn from
+  ``conditions`` (the training mix; no photometric augmentation), deterministic by ``config.seed``;
+  ``config.eval.examples`` faces at most."""
+  src = au_pipeline.au_source(config.data, "val")
+  ev = config.eval
+  idx = au_pipeline.eval_indices(len(src), ev.get("examples"), config.seed)
+  data = au_pipeline.train_pipeline(
+      au_pipeline.Subset(src, idx), global_batch_size=ev.batch_size, size=model.img_size,
+      patch_size=model.patch_size, num_aus=model.num_aus, seed=config.seed, occlude=True,
+      conditions=tuple(conditions), jitter=0.0, shift=0.0, flip=False, shuffle=False, num_epochs=1,
+      drop_remainder=False, process_index=0, process_count=1)
+  fns = predictor(model)
+  probs, labels = [], []
+  for batch in data:
+    n = len(batch["au"])
+    p, _ = fns.probs(variables, pad_batch(batch["occluded"], ev.batch_size), None)
+    probs.append(np.asarray(p)[:n])
+    labels.append(batch["au"])
+  return np.concatenate(probs), np.concatenate(labels)
+
+
+def write_calibration(path: str, thresholds: np.ndarray, meta: Mapping[str, Any]) -> str:
+  """Writes ``path/calibration.json`` (``thresholds`` and what they were chosen on); returns its path."""
+  out = os.path.join(path, CALIBRATION_FILE)
+  os.makedirs(path, exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump({"thresholds": [float(t) for t in thresholds], **meta}, f, indent=1)
+  os.replace(out + ".tmp", out)
+  return out
+
+
+def read_calibration(path: str, num_aus: int | None = None) -> np.ndarray | None:
+  """The thresholds of ``path/calibration.json``, or None when there is none."""
+  f = os.path.join(path, CALIBRATION_FILE)
+  if not os.path.exists(f):
+    return None
+  with open(f) as fh:
+    t = np.asarray(json.load(fh)["thresholds"], np.float64)
+  if num_aus is not None and t.shape != (num_aus,):
+    raise ValueError(f"{f}: {t.shape[0]} thresholds for a model with {num_aus} AUs")
+  return t

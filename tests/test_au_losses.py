@@ -145,3 +145,112 @@ def test_kd_bad_arguments():
     losses.node_kd_loss(x, x, kind="kl")
   with pytest.raises(ValueError, match="shapes"):
     losses.edge_kd_loss(x, jnp.zeros((2, 4, 4)))
+
+
+# ------------------------------------------------------------------------------------- the KD family
+
+
+def test_prob_kd_matches_torch_bce_with_logits_at_temperature():
+  rng = np.random.default_rng(5)
+  s = rng.uniform(0.0, 1.0, size=(6, 12)).astype(np.float32)
+  t = rng.uniform(0.0, 1.0, size=(6, 12)).astype(np.float32)
+  s[0, :3] = [0.0, 1.0, 0.5]  # the cosine classifier reaches 0 / 1 exactly: logits of the clipped values
+  for temp in (1.0, 2.0, 4.0):
+    zs = torch.logit(torch.tensor(s, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)) / temp
+    q = torch.sigmoid(torch.logit(torch.tensor(t, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)) / temp)
+    ref = temp**2 * F.binary_cross_entropy_with_logits(zs, q).item()
+    got = float(losses.prob_kd_loss(jnp.asarray(s), jnp.asarray(t), temp))
+    np.testing.assert_allclose(got, ref, rtol=2e-5)
+  # Minimised (gradient zero) where the student equals the teacher; the teacher gets no gradient.
+  gs, gt = jax.grad(lambda a, b: losses.prob_kd_loss(a, b, 2.0), argnums=(0, 1))(jnp.asarray(t), jnp.asarray(t))
+  np.testing.assert_allclose(np.asarray(gs)[t > 1e-3], 0.0, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(gt), 0.0)
+  with pytest.raises(ValueError, match="temperature"):
+    losses.prob_kd_loss(jnp.asarray(s), jnp.asarray(t), 0.0)
+
+
+def test_pseudo_label_loss_is_wal_on_thresholded_teacher_where_unlabelled():
+  rng = np.random.default_rng(6)
+  p = rng.uniform(0.01, 0.99, size=(8, 12)).astype(np.float32)
+  q = rng.uniform(0.0, 1.0, size=(8, 12)).astype(np.float32)
+  y = rng.integers(0, 2, size=(8, 12))
+  y[:5] = -1  # unlabelled frames: every AU unknown
+  y[6, :4] = -1  # BP4D-style unscored AUs of a labelled frame
+  w = rng.uniform(0.3, 3, size=12).astype(np.float32)
+  targets = np.where(y >= 0, -1, (q >= 0.5).astype(np.int64))
+  ref = _wal_numpy(p.astype(np.float64), targets, w)
+  got = float(losses.pseudo_label_loss(jnp.asarray(p), jnp.asarray(q), jnp.asarray(y), jnp.asarray(w)))
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(losses.pseudo_labels(jnp.asarray(q), jnp.asarray(y))), targets)
+  # Fully labelled batch: nothing to pseudo-label.
+  assert float(losses.pseudo_label_loss(jnp.asarray(p), jnp.asarray(q), jnp.asarray(np.abs(y)))) == 0.0
+
+
+def test_latent_kd_matches_torch_layer_norm_target():
+  rng = np.random.default_rng(7)
+  s = rng.normal(size=(3, 16, 8)).astype(np.float32)
+  t = (3.0 * rng.normal(size=(3, 16, 8)) + 1.5).astype(np.float32)
+  m = (rng.uniform(size=(3, 16)) < 0.4).astype(np.float32)
+  target = F.layer_norm(torch.tensor(t, dtype=torch.float64), (8,), eps=1e-6).numpy()
+  per = ((s.astype(np.float64) - target) ** 2).mean(-1)
+  np.testing.assert_allclose(float(losses.latent_kd_loss(jnp.asarray(s), jnp.asarray(t))), per.mean(), rtol=1e-5)
+  got = float(losses.latent_kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.asarray(m)))
+  np.testing.assert_allclose(got, (per * m).sum() / m.sum(), rtol=1e-5)
+  assert float(losses.latent_kd_loss(jnp.asarray(s), jnp.asarray(t), jnp.zeros((3, 16)))) == 0.0
+  gt = jax.grad(lambda b: losses.latent_kd_loss(jnp.asarray(s), b))(jnp.asarray(t))
+  np.testing.assert_array_equal(np.asarray(gt), 0.0)
+
+
+def _triplet_numpy(a, t, y, margin, normalize):
+  """Per (b, i): hardest valid negative by a double loop, then torch's triplet_margin_loss on that triplet."""
+  if normalize:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    t = t / np.linalg.norm(t, axis=-1, keepdims=True)
+  anchors, positives, negatives = [], [], []
+  for b in range(a.shape[0]):
+    for i in range(a.shape[1]):
+      if y[b, i] < 0:
+        continue
+      best, best_d = None, np.inf
+      for b2 in range(a.shape[0]):
+        if b2 == b or y[b2, i] < 0 or y[b2, i] == y[b, i]:
+          continue
+        d = np.linalg.norm(a[b, i] - t[b2, i] + 1e-6)
+        if d < best_d:
+          best, best_d = b2, d
+      if best is not None:
+        anchors.append(a[b, i])
+        positives.append(t[b, i])
+        negatives.append(t[best, i])
+  if not anchors:
+    return 0.0
+  return F.triplet_margin_loss(torch.tensor(np.stack(anchors)), torch.tensor(np.stack(positives)),
+                               torch.tensor(np.stack(negatives)), margin=margin, p=2, eps=1e-6).item()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triplet_kd_matches_torch_triplet_margin_loss(normalize):
+  rng = np.random.default_rng(8)
+  a = rng.normal(size=(6, 5, 4))
+  t = rng.normal(size=(6, 5, 4))
+  y = rng.integers(-1, 2, size=(6, 5))
+  y[:, 4] = 1  # AU 4 has no negative anywhere: skipped
+  margin = 0.5 if normalize else 2.0
+  ref = _triplet_numpy(a, t, y, margin, normalize)
+  got = float(losses.triplet_kd_loss(jnp.asarray(a, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(y),
+                                     margin, normalize))
+  assert ref > 0
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  ga, gt = jax.grad(lambda s, u: losses.triplet_kd_loss(s, u, jnp.asarray(y), margin, normalize),
+                    argnums=(0, 1))(jnp.asarray(a, jnp.float32), jnp.asarray(t, jnp.float32))
+  assert np.abs(np.asarray(ga)).max() > 0 and np.all(np.asarray(ga)[:, 4] == 0)
+  np.testing.assert_array_equal(np.asarray(gt), 0.0)
+
+
+def test_triplet_kd_zero_when_margins_hold_or_no_negative():
+  t = np.zeros((4, 2, 3), np.float32)
+  t[:, :, 0] = np.array([0.0, 0.0, 10.0, 10.0])[:, None]  # classes far apart in the teacher's space
+  y = np.array([[0, 1], [0, 1], [1, 1], [1, 1]])
+  # Anchors on their positives: d(a, p) ≈ 0 < d(a, n) − m for AU 0; AU 1 has no negative.
+  assert float(losses.triplet_kd_loss(jnp.asarray(t), jnp.asarray(t), jnp.asarray(y), margin=1.0)) == 0.0
+  assert float(losses.triplet_kd_loss(jnp.asarray(t), jnp.asarray(t), -jnp.ones((4, 2), jnp.int32))) == 0.0

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -198,3 +199,104 @@ def test_train_view_has_the_eval_scale(source):
     assert hits, f"seed {seed}: training view is not a shifted evaluation view"
     shifts.update(hits)
   assert len(shifts) > 1  # the translation is random
+
+
+# ------------------------------------------------------------------------------------- label-scarce regime
+
+
+def test_labelled_subset_is_fixed_by_seed():
+  a = au_pipeline.labelled_subset(1000, 0.3, seed=0)
+  assert len(a) == 300 and len(np.unique(a)) == 300 and (np.diff(a) > 0).all() and a.max() < 1000
+  np.testing.assert_array_equal(a, au_pipeline.labelled_subset(1000, 0.3, seed=0))
+  assert not np.array_equal(a, au_pipeline.labelled_subset(1000, 0.3, seed=1))
+  assert au_pipeline.labelled_subset(1000, 1.0, seed=0) is None  # every frame labelled: the old pipelines
+  assert len(au_pipeline.labelled_subset(10, 0.01, seed=0)) == 1
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="label_fraction"):
+      au_pipeline.labelled_subset(10, bad, seed=0)
+
+
+class _Indexed:
+  """Records that carry their own index (``au`` = the index's low bits), for checking what a batch holds."""
+
+  def __len__(self):
+    return 40
+
+  def __getitem__(self, i):
+    return {"idx": np.int32(i), "au": np.array([i % 2, (i // 2) % 2], np.int8)}
+
+
+def _keep(record, rng):
+  return dict(record)
+
+
+def test_mixed_batches_hold_a_fixed_labelled_share_and_resume():
+  src = _Indexed()
+  labelled = au_pipeline.labelled_subset(len(src), 0.25, seed=3)
+  rest = np.setdiff1d(np.arange(len(src)), labelled)
+  parts = (au_pipeline.Subset(src, labelled), au_pipeline.Subset(src, rest, hide_labels=True))
+  it = iter(au_pipeline.mixed_build(parts, (3, 5), seed=0, augment=_keep, process_index=0, process_count=1))
+  seen = []
+  for _ in range(12):
+    b = next(it)
+    assert b["idx"].shape == (8,)
+    assert np.isin(b["idx"][:3], labelled).all() and np.isin(b["idx"][3:], rest).all()
+    np.testing.assert_array_equal(b["au"][3:], -1)  # hidden labels
+    np.testing.assert_array_equal(b["au"][:3], np.stack([src[i]["au"] for i in b["idx"][:3]]))
+    seen.extend(b["idx"][:3].tolist())
+  assert set(seen) == set(labelled.tolist())  # 36 draws cover the 10 labelled frames (an epoch every 10)
+  # The iterator state is checkpointable: a restored iterator continues with the same batches.
+  state = it.get_state()
+  nxt = [next(it)["idx"] for _ in range(3)]
+  it2 = iter(au_pipeline.mixed_build(parts, (3, 5), seed=0, augment=_keep, process_index=0, process_count=1))
+  it2.set_state(state)
+  for want in nxt:
+    np.testing.assert_array_equal(next(it2)["idx"], want)
+  with pytest.raises(ValueError, match="labelled_per_batch"):
+    au_pipeline.mixed_build(parts, (0, 8), seed=0, augment=_keep, process_index=0, process_count=1)
+
+
+def test_train_pipeline_with_label_fraction(source):
+  labelled = au_pipeline.labelled_subset(len(source), 0.5, seed=0)
+  kw = dict(global_batch_size=4, size=32, patch_size=8, num_aus=12, seed=0, labelled=labelled,
+            process_index=0, process_count=1)
+  teacher = next(iter(au_pipeline.train_pipeline(source, occlude=False, labelled_per_batch=0, **kw)))
+  assert "occluded" not in teacher and (teacher["au"] >= 0).all()  # the teacher reads labelled frames only
+  student = next(iter(au_pipeline.train_pipeline(source, labelled_per_batch=1, **kw)))
+  assert (student["au"][:1] >= 0).all() and (student["au"][1:] == -1).all()
+  assert student["occluded"].shape == (4, 32, 32, 3)
+  # The WAL weights' sample of the labelled subset never sees a hidden label.
+  sub = au_pipeline.Subset(source, labelled)
+  y = au_pipeline.sample_labels(sub, 12)
+  np.testing.assert_array_equal(y, np.stack([source.labels(int(i))["au"] for i in labelled]))
+
+
+def test_val_split_is_carved_from_training_subjects():
+  from maejax.data import pipeline as data_pipeline
+  cfg = ml_collections.ConfigDict({"num_subjects": 12, "test_fraction": 0.25, "seed": 0, "frames_per_subject": 3,
+                                   "image_size": 32, "cache_dir": ""})
+  before = data_pipeline.synthfaces_source(cfg, "train").subjects
+  with pytest.raises(ValueError, match="val_fraction"):
+    data_pipeline.synthfaces_source(cfg, "val")
+  cfg.val_fraction = 0.25
+  train, val, test = (data_pipeline.synthfaces_source(cfg, s).subjects for s in ("train", "val", "test"))
+  assert len(val) == 2 and not set(val) & set(train) and not set(val) & set(test)
+  assert sorted(train + val) == sorted(before)
+  assert (train, val) == synthfaces.train_val_subjects(before, 0.25, seed=0)
+
+
+def test_model_exposes_transformed_tokens_on_the_grid():
+  m = au_model.AUModel(img_size=32, patch_size=8, width=32, depth=2, num_heads=4, channels=16, transform_depth=1)
+  t = au_model.AUModel(img_size=32, patch_size=8, width=32, depth=2, num_heads=4, channels=16, transform_depth=0)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  tv = t.init(jax.random.PRNGKey(1), x)
+  out = t.apply(tv, x)
+  enc = t.apply(tv, x, method=lambda mod, im: mod.encoder(im, None, train=False).tokens)
+  np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(enc[:, 1:]))  # the teacher: encoder tokens
+  assert out.token_valid.shape == (2, 16) and float(out.token_valid.min()) == 1.0
+  mv = m.init(jax.random.PRNGKey(2), x)
+  ids = jnp.array([[0, 3, 5, 9], [1, 2, 14, 15]])
+  o = m.apply(mv, x, ids)
+  assert o.tokens.shape == (2, 16, 32)
+  np.testing.assert_array_equal(np.asarray(o.token_valid).sum(1), [4, 4])
+  np.testing.assert_array_equal(np.asarray(o.tokens)[0, 1], 0.0)  # a dropped patch: zeros, valid 0

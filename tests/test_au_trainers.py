@@ -118,3 +118,93 @@ def test_smoke_end_to_end_then_eval_mode(au_smoke_run):
   with open(wd / "report" / "report.json") as f:
     second = json.load(f)["avg_f1"]
   assert second == first  # same checkpoints, same fixed occlusions → the same report
+
+
+# ------------------------------------------------------------------------------------------ the KD study
+
+
+def test_kd_study_configs():
+  from maejax.trainers.au import loss_weights, student_runs
+  for frac in (1.0, 0.3, 0.1):
+    c = _config(f"kd_study,fraction={frac}")
+    assert c.data.label_fraction == frac and c.data.val_fraction > 0 and c.eval.split == "test"
+    assert c.eval.calibrate and {r[1] for r in c.rows} == set(c.students) | {"teacher"}
+  runs = student_runs(_config("kd_study"))
+  base = {"wal", "edge_ce", "node_kd", "edge_kd", "occ_bce"}
+  assert set(loss_weights(runs["kd"])) == base  # the paper's student: the terms it always had
+  assert set(loss_weights(runs["kd_triplet"])) == base | {"triplet_kd"}
+  assert set(loss_weights(runs["online_kd"])) == base | {"prob_kd", "teacher_wal", "teacher_edge_ce",
+                                                         "teacher_mutual"}
+  # The existing variants' students carry no new term.
+  for name, run in student_runs(_config("bench")).items():
+    assert set(loss_weights(run)) == base, name
+  # Tuning: the same number of candidates for every row, evaluated on the validation subjects only.
+  t = _config("kd_study,fraction=0.1,tune=true")
+  assert t.eval.split == "val" and not t.eval.calibrate
+  per_row = {}
+  for _, model, _ in t.rows[1:]:
+    per_row[model.rsplit("_t", 1)[0]] = per_row.get(model.rsplit("_t", 1)[0], 0) + 1
+  assert set(per_row.values()) == {3} and len(per_row) == 7
+  assert _config("kd_smoke").data.label_fraction == 0.5
+  with pytest.raises(ValueError, match="tune"):
+    _config("default,tune=true")
+
+
+def test_online_kd_each_side_learns_from_the_other_only():
+  """Online KD: the teacher's mutual term trains only the teacher, the student's prob-KD term only the
+  student; the frozen path gives the teacher nothing to train."""
+  import jax
+  import jax.numpy as jnp
+
+  c = _config("kd_smoke")
+  run = au.student_runs(c)["online_kd"]
+  model = au.student_config(c.model, run).build()
+  teacher = au.teacher_config(c.model, 2).build()
+  x = jnp.zeros((4, 32, 32, 3))
+  sv, tv = model.init(jax.random.PRNGKey(0), x), teacher.init(jax.random.PRNGKey(1), x)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.integers(0, 255, (4, 32, 32, 3)), jnp.uint8),
+           "occluded": jnp.asarray(rng.integers(0, 255, (4, 32, 32, 3)), jnp.uint8),
+           "patch_frac": jnp.zeros((4, 16)), "au": jnp.asarray(rng.integers(-1, 2, (4, 12)), jnp.int8)}
+  params = {**sv["params"], au.MUTUAL: tv["params"]}
+  extra = {"batch_stats": {**sv["batch_stats"], au.MUTUAL: tv["batch_stats"]}}
+  loss_fn = au.make_loss_fn(model, run, teacher)
+
+  # One compiled gradient; the weights are arguments (as in training).
+  grad_fn = jax.jit(jax.grad(lambda p, w: loss_fn(p, extra, batch, jax.random.PRNGKey(0),
+                                                  {"wal_weights": jnp.ones(12), "loss_weights": w})[0]))
+
+  def grads(only):
+    g = dict(grad_fn(params, {k: jnp.float32(k == only) for k in au.loss_weights(run)}))
+    g_t = g.pop(au.MUTUAL)
+    norm = lambda tree: float(sum(jnp.abs(v).sum() for v in jax.tree_util.tree_leaves(tree)))
+    return norm(g), norm(g_t)
+
+  s, t = grads("teacher_mutual")
+  assert s == 0.0 and t > 0
+  s, t = grads("prob_kd")
+  assert s > 0 and t == 0.0
+  s, t = grads("teacher_wal")
+  assert s == 0.0 and t > 0
+
+
+@pytest.mark.slow
+def test_kd_smoke_end_to_end(tmp_path):
+  """Every new loss and row of the study at the smoke size: label fraction 0.5, mixed batches, validation
+  split, calibration files, calibrated rows; an online-KD student restores through au_infer.load."""
+  from maejax import au_infer
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  wd = tmp_path / "run"
+  cmd = [sys.executable, "-m", "maejax.main", "--config=configs/au_occl.py:kd_smoke", f"--workdir={wd}"]
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+  c = _config("kd_smoke")
+  with open(wd / "report" / "report.json") as f:
+    rows = list(json.load(f)["avg_f1"])
+  assert rows == [r for row in c.rows for r in (row[0], f"{row[0]} (cal)")]
+  for name in c.students:
+    assert (wd / "students" / name / "calibration.json").exists()
+  loaded = au_infer.load(str(wd), "online_kd")
+  assert loaded.thresholds.shape == (12,) and au.MUTUAL in loaded.variables["params"]
+  probs = au_infer.predict_probs(loaded, np.zeros((2, 32, 32, 3), np.uint8))
+  assert probs.shape == (2, 12) and np.isfinite(probs).all()

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from PIL import Image
 
@@ -139,15 +140,100 @@ class AUEvalView:
 def train_pipeline(source: Any, *, global_batch_size: int, size: int, patch_size: int, num_aus: int, seed: int,
                    occlude: bool = True, conditions: Sequence[str] = occlusion.TRAIN_CONDITIONS,
                    jitter: float = 0.2, shift: float = 1 / 14, flip: bool = True, worker_count: int = 0,
-                   **kw) -> grain.IterDataset:
-  """Infinite shuffled training batches (see module docstring for the keys)."""
+                   labelled: np.ndarray | None = None, labelled_per_batch: int = 0, **kw) -> grain.IterDataset:
+  """Infinite shuffled training batches (see module docstring for the keys).
+
+  ``labelled``: the indices of ``source`` that keep their labels (:func:`labelled_subset`; None = all). With
+  ``labelled_per_batch = 0`` the batches hold the labelled frames only (a teacher); with ``k > 0`` every batch
+  holds ``k`` labelled frames followed by ``B − k`` of the other frames with every label −1 (:func:`mixed_build`).
+  """
   unknown = [c for c in conditions if c not in occlusion.CONDITIONS]
   if unknown:
     raise ValueError(f"train_conditions: unknown {unknown}; expected names from {sorted(occlusion.CONDITIONS)}")
   aug = AUTrainAugment(size, patch_size, num_aus, occlude, tuple(conditions), jitter=jitter, shift=shift,
                        flip=flip)
+  if labelled is not None:
+    rest = np.setdiff1d(np.arange(len(source)), labelled)
+    if labelled_per_batch > 0 and len(rest):
+      return mixed_build((Subset(source, labelled), Subset(source, rest, hide_labels=True)),
+                         (labelled_per_batch, global_batch_size - labelled_per_batch), seed=seed, augment=aug,
+                         worker_count=worker_count, **kw)
+    source = Subset(source, labelled)
   return build(source, global_batch_size=global_batch_size, seed=seed, augment=aug, worker_count=worker_count,
                **kw)
+
+
+# ------------------------------------------------------------------------------------- label-scarce regime
+
+
+def labelled_subset(n: int, fraction: float, seed: int) -> np.ndarray | None:
+  """Sorted indices of the ``max(1, round(n·fraction))`` training frames that keep their labels, drawn without
+  replacement by ``seed`` (the same subset for the teacher and every student of a run); None when
+  ``fraction == 1`` (every frame labelled, the pipelines exactly as without this option)."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"config.data.label_fraction: expected a value in (0, 1], got {fraction}")
+  if fraction == 1:
+    return None
+  k = max(1, int(round(n * fraction)))
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 15]))
+  return np.sort(rng.choice(n, k, replace=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Subset:
+  """Random-access view of ``source`` at ``indices``; ``hide_labels`` sets every AU label to −1 (the frame
+  feeds the label-free terms only). Picklable, for grain worker processes."""
+
+  source: Any
+  indices: np.ndarray
+  hide_labels: bool = False
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def _hide(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    if not self.hide_labels:
+      return dict(record)
+    return {**record, "au": np.full(np.shape(record["au"]), -1, np.int8)}
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self._hide(self.source[int(self.indices[int(i)])])
+
+  def labels(self, i: int) -> dict[str, Any]:
+    j = int(self.indices[int(i)])
+    return self._hide(self.source.labels(j) if hasattr(self.source, "labels") else self.source[j])
+
+
+def _concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def mixed_build(sources: Sequence[Any], per_batch: Sequence[int], *, seed: int, augment: Any,
+                process_index: int | None = None, process_count: int | None = None, worker_count: int = 0
+                ) -> grain.IterDataset:
+  """Batches that concatenate ``per_batch[j]`` examples of ``sources[j]``, in order, in EVERY batch (the
+  fixed labelled : unlabelled ratio of semi-supervised training). Each source is shuffled, repeated and
+  augmented on its own stream (seeds ``seed + 2j``, ``seed + 2j + 1``), batched to its share, and the shares
+  are interleaved by ``grain.MapDataset.mix`` (equal proportions: one batch of each in turn) and joined;
+  the iterator state is one index, checkpointed with the train state. With several processes each process's
+  batch holds ``per_batch[j] / process_count`` examples of source ``j``."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if any(k <= 0 or k % process_count for k in per_batch):
+    raise ValueError(f"labelled / unlabelled examples per batch {tuple(per_batch)}: each must be > 0 and "
+                     f"divisible by the {process_count} processes (config.data.labelled_per_batch < batch size)")
+  shares = []
+  for j, (src, k) in enumerate(zip(sources, per_batch, strict=True)):
+    ds = grain.MapDataset.source(src).shuffle(seed=seed + 2 * j).repeat(None)
+    ds = ds.random_map(augment, seed=seed + 2 * j + 1).batch(k // process_count, drop_remainder=True)
+    shares.append(ds)
+  ds = grain.MapDataset.mix(shares).batch(len(shares), batch_fn=_concat_batches)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  it = ds.to_iter_dataset()
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
 
 
 def eval_indices(n_total: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
@@ -185,14 +271,17 @@ def au_names(data_cfg) -> tuple[int, ...]:
 
 
 def au_source(data_cfg, split: str) -> Any:
-  """AU records for ``split`` ("train" / "test"): synthetic faces (subject-exclusive split; from the render
-  cache in ``data.cache_dir`` unless it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold``
-  (1..3)."""
+  """AU records for ``split`` ("train" / "val" / "test"): synthetic faces (subject-exclusive split; "val" is
+  carved from the training subjects by ``data.val_fraction``; from the render cache in ``data.cache_dir`` unless
+  it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold`` (1..3)."""
   if data_cfg.name == "synthfaces":
     from maejax.data.pipeline import synthfaces_source
     return synthfaces_source(data_cfg, split, au_names(data_cfg))
   if data_cfg.name in ("bp4d", "disfa"):
     from maejax.data import prepare
+    if split == "val" or data_cfg.get("val_fraction", 0.0):
+      raise ValueError(f"config.data.val_fraction / split 'val': not available for {data_cfg.name} yet (the "
+                       "TFDS fold splits carry no subject-level validation split); use data.name=synthfaces")
     return prepare.data_source(data_cfg.name, f"fold{int(data_cfg.fold)}_{split}",
                                data_dir=data_cfg.get("data_dir") or None)
   raise ValueError(f"config.data.name must be one of {AU_DATASETS} for AU stages, got {data_cfg.name!r}")

@@ -33,10 +33,15 @@ Array = jax.Array
 @flax.struct.dataclass
 class AUModelOutput:
   """``head``: the head's :class:`AUHeadOutput` (probs ``(B, N)``, node feats ``(B, N, C)``, edges
-  ``(B, N², C)``…); ``occ_logits``: ``(B, L)`` per-patch occlusion logits of the predictor, or None."""
+  ``(B, N², C)``…); ``occ_logits``: ``(B, L)`` per-patch occlusion logits of the predictor, or None;
+  ``tokens``: ``(B, L, D)`` the transform's patch tokens on the patch grid before pooling (the teacher's, with
+  ``transform_depth = 0``: its encoder tokens), zeros where a token was dropped; ``token_valid``: ``(B, L)``
+  1 where a token is present. Latent KD reads the last two; unused, they cost nothing under jit."""
 
   head: AUHeadOutput
   occ_logits: Array | None = None
+  tokens: Array | None = None
+  token_valid: Array | None = None
 
 
 def scatter_to_grid(tokens: Array, ids_keep: Array | None, num_patches: int) -> tuple[Array, Array]:
@@ -77,7 +82,8 @@ class LatentTransform(nn.Module):
   attention: str = "einsum"  # see :func:`maejax.models.vit.attention`
 
   @nn.compact
-  def __call__(self, tokens: Array, ids_keep: Array | None) -> Array:
+  def __call__(self, tokens: Array, ids_keep: Array | None, return_grid: bool = False):
+    """Pooled tokens; with ``return_grid`` also the pre-pooling grid ``(B, L, D)`` and its validity ``(B, L)``."""
     d = tokens.shape[-1]
     x = tokens
     for i in range(self.depth):
@@ -88,7 +94,8 @@ class LatentTransform(nn.Module):
     pooled, counts = masked_pool(grid, valid, self.pool)
     missing = self.param("missing", _p(nn.initializers.normal(0.02), "embed"), (d,))
     pooled = jnp.where(counts[..., None] > 0, pooled, missing.astype(pooled.dtype))
-    return jnp.concatenate([x[:, :1], pooled], axis=1)
+    out = jnp.concatenate([x[:, :1], pooled], axis=1)
+    return (out, grid, valid) if return_grid else out
 
 
 class OcclusionPredictor(nn.Module):
@@ -162,12 +169,13 @@ class AUModel(nn.Module):
     tokens = self.encoder(images, ids_keep, train=train).tokens  # (B, 1+K, D)
     if self.freeze_encoder:
       tokens = jax.lax.stop_gradient(tokens)
-    head = self.au_head(self.transform(tokens, ids_keep), train)
+    pooled, grid, valid = self.transform(tokens, ids_keep, return_grid=True)
+    head = self.au_head(pooled, train)
     occ = None
     if self.occlusion_predictor:
       # The predictor learns from its own loss only; it never changes the encoder input's gradient.
       occ = self.occ_predictor(jax.lax.stop_gradient(images if occ_images is None else occ_images))
-    return AUModelOutput(head=head, occ_logits=occ)
+    return AUModelOutput(head=head, occ_logits=occ, tokens=grid, token_valid=valid)
 
 
 def keep_least_occluded(frac: Array, keep: int, rng: Array | None = None) -> Array:
