@@ -84,7 +84,7 @@ def test_ema_in_the_train_state_follows_the_new_params_and_is_sharded_like_them(
   cfg = config_utils.load_config(f"{ROOT / 'configs' / 'mae_pretrain.py'}:smoke")
   model = mae_stage.build_model(cfg.model)
   init_fn = lambda r: model.init({"params": r, "masking": r}, jnp.zeros((1, 32, 32, 3)))
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, jax.devices()[:4])
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, jax.devices()[:2])
   tx, _ = common.make_optimizer(cfg.optim, 16, 10)
   ema = common.EMA(common.ema_momentum_schedule("constant", 0.7), keys=("encoder",))
   tr = common.create_trainer(init_fn, mae_stage.mae_loss_fn(model), tx, mesh, cfg.sharding_rules, seed=0, ema=ema)
@@ -307,14 +307,15 @@ def test_depth_is_an_extra_key_that_leaves_the_rgb_untouched():
 # ------------------------------------------------------------------------------------ smoke training
 
 
-@pytest.mark.parametrize("objective", ["bootmae", "sdae", "sdmae", "mcm"])
+# BootMAE's smoke run (train, SIGTERM, resume with the EMA bit for bit) is in tests/test_training.py.
+@pytest.mark.parametrize("objective", ["sdae", "sdmae", "mcm"])
 def test_objective_smoke_trains_checkpoints_and_resumes(objective, tmp_path):
   cfg = config_utils.load_config(f"{ROOT / 'configs' / 'mae_pretrain.py'}:{objective}_smoke")
   config_utils.validate(cfg)
-  cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 3, 2, 1
+  cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 3, 3, 1
   cfg.batch_size = 8
   obj = objectives.build(cfg)
-  trainer = objectives.create(cfg, obj, sharding.make_mesh({"data": 2}, jax.devices()[:2]))
+  trainer = objectives.create(cfg, obj, sharding.make_mesh({"data": 1}, jax.devices()[:1]))
   first = common.train_loop(trainer, obj.data, 3, str(tmp_path), cfg, obj.saved_config, name=objective)
   assert [s for s, _ in first.losses] == [1, 2, 3] and np.isfinite([v for _, v in first.losses]).all()
   assert checkpoints.latest_step(str(tmp_path)) == 3

@@ -224,6 +224,39 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     np.testing.assert_allclose(resumed[step], full[step], rtol=1e-6, atol=0, err_msg=f"step {step}")
 
 
+def test_bootmae_sigterm_then_resume_continues_the_ema_bit_for_bit(tmp_path):
+  """BootMAE smoke (EMA teacher in the train state): train, SIGTERM, resume; the losses and the final momentum
+  encoder equal those of an uninterrupted run exactly."""
+  args = ("--config.total_steps=30", "--config.checkpoint_every=1000", "--config.log_every=1")
+  config = "configs/mae_pretrain.py:bootmae_smoke"
+  full_wd = tmp_path / "full"
+  run_main(main_cmd(config, full_wd, *args))
+  wd = tmp_path / "killed"
+  cmd = main_cmd(config, wd, *args)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  loss_file = wd / "bootmae_loss.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if loss_file.exists() and len(loss_file.read_text().splitlines()) >= 3:
+      break
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "preempted at step" in out, out[-3000:]
+  killed_at = max(read_losses(wd, "bootmae"))
+  assert 3 <= killed_at < 30, f"SIGTERM landed after the run finished (step {killed_at})"
+  proc = run_main(cmd)
+  assert f"resuming from step {killed_at}" in proc.stdout + proc.stderr
+  resumed, full = read_losses(wd, "bootmae"), read_losses(full_wd, "bootmae")
+  assert sorted(resumed) == list(range(1, 31))
+  assert [resumed[s] for s in range(1, 31)] == [full[s] for s in range(1, 31)]
+  ema = [checkpoints.load_variables(str(w), ("ema",))[0]["ema"] for w in (wd, full_wd)]
+  assert int(ema[0]["step"]) == int(ema[1]["step"]) == 30
+  for a, b in zip(jax.tree_util.tree_leaves(ema[0]), jax.tree_util.tree_leaves(ema[1]), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -523,6 +523,9 @@ def train_loop(trainer: Trainer, data_iter: Iterator[Mapping[str, np.ndarray]], 
         if itstime(step, log_every, total_steps) or save:
           last = log.flush(ck.latest_step()) or last
           progress.update(step, last["loss"])
+        if pre.requested and not save:  # SIGTERM arrived while this step's metrics were being fetched
+          save = True
+          last = log.flush(ck.latest_step()) or last
         if save:
           ck.save(step, state, data_iter, model_config, force=pre.requested)
         if evaluate:

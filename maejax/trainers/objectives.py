@@ -67,8 +67,9 @@ def _rngs(rng):
           "channels": jax.random.fold_in(rng, 2)}
 
 
-def build(config: ml_collections.ConfigDict) -> Objective:
-  """The objective of ``config.model.objective`` (not ``"mae"``) with its settings from ``config.<objective>``."""
+def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Objective:
+  """The objective of ``config.model.objective`` (not ``"mae"``) with its settings from ``config.<objective>``;
+  ``with_data=False`` leaves ``data`` None (benchmarks feed fixed batches)."""
   name = objective_of(config)
   mc = MAEConfig.from_config(config.model)
   img, total = mc.img_size, config.total_steps
@@ -127,7 +128,9 @@ def build(config: ml_collections.ConfigDict) -> Objective:
     init_fn = lambda r: model.init({"params": r, "masking": r}, dummy, jnp.ones((1, oc.channels)))
   else:
     init_fn = lambda r: model.init({"params": r, "masking": r}, dummy)
-  data = iter(pipeline.objective_pipeline(config.data, config.batch_size, img, config.seed, **data_kw))
+  data = None
+  if with_data:
+    data = iter(pipeline.objective_pipeline(config.data, config.batch_size, img, config.seed, **data_kw))
   saved = dict(mc.to_json(), objective=name, objective_config=dataclasses.asdict(oc))
   return Objective(init_fn=init_fn, loss_fn=loss_fn, ema=ema, data=data, saved_config=saved)
 
