@@ -178,10 +178,12 @@ class Checkpointer:
         raise
       _remove_partial(checkpoint_dir(self.workdir))
       free = shutil.disk_usage(self.workdir).free
-      raise CheckpointWriteError(
-          errno.ENOSPC, f"disk full while saving step {step} in {self.workdir} ({free / 2**20:.1f} MiB free); "
-          f"the partial checkpoint was removed, the last complete one is step {self._complete_steps()}; free "
-          "space and run the same command again to resume") from e
+      err = CheckpointWriteError(
+          f"disk full while saving step {step} in {self.workdir} ({free / 2**20:.1f} MiB free); the partial "
+          f"checkpoint was removed, the last complete one is step {self._complete_steps()}; free space and run "
+          "the same command again to resume")
+      err.errno = errno.ENOSPC
+      raise err from e
     return saved
 
   def _complete_steps(self) -> int | None:
