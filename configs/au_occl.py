@@ -125,25 +125,31 @@ def student(steps: int, batch: int, lr: float, warmup: int) -> ml_collections.Co
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: ``VARIANT[,fold=K][,seed=N][,fraction=F][,tune=BOOL]``."""
+  """``arg``: ``VARIANT[,fold=K][,seed=N][,fraction=F][,tune=BOOL][,objective=NAME]``."""
   return make(**common.parse_arg(arg, __file__, VARIANTS, variant="default", fold=1, seed=0, fraction=0.0,
-                                 tune=False))
+                                 tune=False, objective="mae"))
 
 
 def make(variant: str = "default", *, fold: int = 1, seed: int = 0, fraction: float = 0.0,
-         tune: bool = False) -> ml_collections.ConfigDict:
+         tune: bool = False, objective: str = "mae") -> ml_collections.ConfigDict:
   """The chained job of ``variant``: the au_finetune config of its size plus ``mae``, ``student``,
   ``students`` and ``rows``; ``fraction``: ``data.label_fraction`` (0 = the variant's: 0.5 for kd_smoke, which
-  exercises the labelled / unlabelled batches, else 1); ``tune``: the KD study's search."""
+  exercises the labelled / unlabelled batches, else 1); ``tune``: the KD study's search; ``objective``: the
+  chained pretraining's objective (``mae.model.objective``: mae, bootmae, sdae, sdmae, mcm; every one saves a
+  plain MAE encoder, which the teacher and the students start from)."""
   common.check_variant(__file__, variant, VARIANTS)
   fraction = fraction or (0.5 if variant == "kd_smoke" else 1.0)
   study = variant in ("kd_study", "kd_smoke")
   if tune and not study:
     raise ValueError(f"{__file__}: tune=true applies to the kd_study / kd_smoke variants, not {variant!r}")
   if study:
-    return _kd_study(variant == "kd_smoke", seed=seed, fraction=fraction, tune=tune)
-  c = _make(variant, fold=fold, seed=seed)
-  c.data.label_fraction = fraction
+    c = _kd_study(variant == "kd_smoke", seed=seed, fraction=fraction, tune=tune)
+  else:
+    c = _make(variant, fold=fold, seed=seed)
+    c.data.label_fraction = fraction
+  if objective != "mae":
+    size = {"default": "tiny", "bench": "tiny", "kd_study": "tiny", "smoke": "smoke", "kd_smoke": "smoke"}
+    mae_pretrain.set_objective(c.mae, objective, size.get(variant, "vit_b"))
   return c
 
 

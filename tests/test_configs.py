@@ -63,10 +63,11 @@ def test_every_declared_argument_acts(name, monkeypatch):
   params = inspect.signature(mod.make).parameters
   assert seen == {k: p.default for k, p in params.items()}
   variant = {"mae_pretrain": "smoke", "distill": "smoke", "au_finetune": "bp4d", "au_occl": "bp4d"}[name]
-  changed = {"fold": 2, "seed": 3, "steps": 7}
+  changed = {"fold": 2, "seed": 3, "steps": 7, "fraction": 0.3, "tune": "true", "objective": "sdmae"}
   for key in set(seen) - {"variant"}:
-    base = mod.get_config(variant).to_dict()
-    assert mod.get_config(f"{variant},{key}={changed[key]}").to_dict() != base, key
+    v = "kd_smoke" if key == "tune" else variant  # the search exists in the study variants only
+    base = mod.get_config(v).to_dict()
+    assert mod.get_config(f"{v},{key}={changed[key]}").to_dict() != base, key
 
 
 def test_unknown_seed_key_of_au_finetune_and_steps_of_au_occl():
