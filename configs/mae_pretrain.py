@@ -123,6 +123,7 @@ def make(variant: str = "tiny", *, steps: int = 0) -> ml_collections.ConfigDict:
     c.batch_size = 4096
     c.total_steps = 800 * 312  # 800 epochs of ImageNet-1k at batch 4096
     c.model.dtype = "bfloat16"
+    c.model.attention = "xla"  # accelerator sizes: XLA's fused attention (--config.model.attention=cudnn on GPU)
     c.log_every = 100
     c.eval_every = 5000
     c.checkpoint_every = 2000
