@@ -47,4 +47,5 @@ def test_smoke_report_equals_pre_refactor_code(au_smoke_run, tmp_path):
     new = json.load(f)
   old.pop("timings")
   new.pop("timings")
+  assert new.pop("label_fraction") == 1.0  # metadata the old code did not write: every training label is used
   assert new == old  # every F1 of every row, condition and AU, bit for bit (JSON floats round-trip exactly)

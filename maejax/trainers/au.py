@@ -485,6 +485,6 @@ def train_occl(config: ml_collections.ConfigDict, workdir: str):
   timings["total"] = time.time() - t_start
   text = report.write_report(os.path.join(workdir, au_infer.REPORT_DIR), results,
                              au_pipeline.au_names(config.data), tuple(config.eval.conditions), timings=timings,
-                             seed=config.seed)
+                             seed=config.seed, label_fraction=float(config.data.get("label_fraction", 1.0)))
   print(text, flush=True)
   return results
