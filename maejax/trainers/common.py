@@ -413,7 +413,7 @@ class ProgressLine:
             f"ETA {eta_text}  loss {loss:.4f}")
     if self.tty:
       print("\r" + line, end="", flush=True)
-    elif now - self.last_print >= self.every_secs or step == self.total:
+    elif (rate and now - self.last_print >= self.every_secs) or step == self.total:  # no rate yet: nothing to say
       print(line, flush=True)
       self.last_print = now
 
