@@ -8,7 +8,7 @@ A training workdir holds ``checkpoints/<step>/`` (Orbax ``CheckpointManager``), 
 * ``config`` JSON of the model's constructor arguments (``MAEConfig`` / ``AUModelConfig`` fields).
 
 A converted checkpoint (``python -m maejax.convert``) is a directory with ``params`` (StandardSave) and ``config``
-(JSON). Readers: :func:`restore_state` (full resume onto any mesh), :func:`load_params` (params only, of either
+(JSON). Readers: :meth:`Checkpointer.restore` (full resume onto any mesh), :func:`load_params` (params only, of either
 kind), :func:`load_variables` (params + other collections, for evaluation and prediction), :func:`read_config`.
 
 A run holds its workdir with :class:`WorkdirLock`; a save that fails (disk full) removes its partial directory
