@@ -77,7 +77,8 @@ def _not_orbax_warning(record: py_logging.LogRecord) -> bool:
   """Orbax's own records go to the file only: a warning on every read-only restore (each stage restores the one
   before), and on a failed save an error with a traceback from each of its writer threads, which
   :class:`maejax.checkpoints.CheckpointWriteError` sums up in one line."""
-  return f"{os.sep}orbax{os.sep}" not in record.pathname
+  # asyncio reports the same failed writes again as "exception was never retrieved" from Orbax's event loop.
+  return f"{os.sep}orbax{os.sep}" not in record.pathname and f"{os.sep}asyncio{os.sep}" not in record.pathname
 
 
 class _DropClosedLoopTracebacks:
