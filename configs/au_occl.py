@@ -229,11 +229,10 @@ def _cpu_budget(c: ml_collections.ConfigDict, bench: bool) -> None:
   # a weak initialiser, so the teacher trains its encoder at the full lr (layer decay 1.0) and the students
   # start from the teacher's encoder and head and fine-tune them on occluded faces (options:
   # encoder_init="mae", encoder="frozen" / "partial:K").
-  # The teacher's levers, measured (teacher clean F1, one run each): MAE pretraining length (MAE 150 steps →
-  # 59.1 / 61.0, MAE 2000 → 77.7, teacher 900 + 200), then, from an MAE of 1800 steps, the teacher's own stage-1
-  # length (900 → 77.7, 1800 → 83.8, 2700 → 86.1; 1800 → 85.5 with the redrawn AU14). :bench spends its budget there
-  # (MAE 1500, teacher 2700 + 200; 24 min alone) and gives the students, which start from the teacher, 150 steps
-  # each; the 15-minute default the same split, shorter (MAE 400, teacher 1800 + 200, 3 students).
+  # The teacher's clean F1 grows with MAE pretraining length and then with its own stage-1 length (measurements in
+  # benchmarks/README.md, "Results history"). :bench spends its budget there (MAE 1500, teacher 2700 + 200; 24 min
+  # alone) and gives the students, which start from the teacher, 150 steps each; the 15-minute default the same
+  # split, shorter (MAE 400, teacher 1800 + 200, 3 students).
   c.mae.total_steps = 1500 if bench else 400
   c.mae.batch_size = 64
   c.mae.checkpoint_every = c.mae.eval_every = c.mae.total_steps

@@ -80,12 +80,9 @@ TRACE_PROB = 0.35  # P(trace intensity ~ U(0, TRACE_MAX) | inactive), else exact
 TRACE_MAX = 2.0  # traces reach up to the active range: labels at the threshold are ambiguous
 MAX_INTENSITY = 5.0
 # Size of every AU's effect relative to the shapes in ``render_face`` (the difficulty knob of DESIGN.md §7).
-# 2.0 (with 0.06-wide wrinkles): at 1.0 / 0.035 the tiny ViT of the default run stayed near chance for the first
-# ~600 steps (logistic regression on pixels reached 0.66 avg F1, a small CNN 0.73); the knob applies to every
-# model alike. The lower-face cues of AU14 (dimples), AU17 (chin boss) and AU23 (tense lip margins) were later
-# redrawn larger and apart from the other mouth AUs' folds: on the crowded 64 px mouth they were ~1 px marks on
-# top of AU12 / AU15 folds, and the models stayed near chance on them (AU14: the teacher at its always-positive
-# F1 0.63, a logistic regression on the lower-face pixels at AUC 0.70).
+# 2.0 with 0.06-wide wrinkles keeps every cue legible to a small ViT at 64 px; the lower-face cues of AU14
+# (dimples), AU17 (chin boss) and AU23 (tense lip margins) are drawn large and apart from the other mouth AUs'
+# folds for the same reason. The measurements behind these values are in benchmarks/README.md.
 AU_GAIN = 2.0
 # Width of AU wrinkles / furrows / folds in face units (≈ 1.6 px at 64 px).
 WRINKLE = 0.06
