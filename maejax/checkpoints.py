@@ -25,6 +25,9 @@ import json
 import os
 import shutil
 import socket
+import sys
+import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,6 +142,34 @@ def _is_disk_full(e: BaseException) -> bool:
   return False
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """A ``RuntimeError('Event loop is closed')`` from asyncio's ``call_soon_threadsafe``: a tensorstore write of a
+  failed Orbax save that completes after Orbax closed the event loop the save ran on, and reports its result to
+  it. One per pending write (hundreds on a full disk), printed from tensorstore's threads at any time, interleaved,
+  until the process exits."""
+  if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(unraisable.exc_traceback)
+  return bool(frames) and frames[-1].name == "_check_closed" and frames[-1].filename.endswith(
+      os.path.join("asyncio", "base_events.py"))
+
+
+def drop_closed_loop_callbacks() -> None:
+  """Installs a ``sys.unraisablehook`` that drops :func:`_is_closed_loop_callback` reports (the failed save's
+  :class:`CheckpointWriteError` states their cause once) and passes every other report to the hook it replaces.
+  Idempotent."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_maejax_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+
+  hook._maejax_drops_closed_loop = True
+  sys.unraisablehook = hook
+
+
 def _remove_partial(ckdir: str) -> list[str]:
   """Removes Orbax's unfinished step directories (``*.orbax-checkpoint-tmp*``) left by a failed save."""
   partial = sorted(glob.glob(os.path.join(ckdir, "*.orbax-checkpoint-tmp*")))
@@ -154,6 +185,7 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.with_data = with_data
     self.save_every = max(save_every, 1)
+    drop_closed_loop_callbacks()  # before any save: a failed one's late callbacks may fire before it raises
     self.manager = ocp.CheckpointManager(
         checkpoint_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=self.save_every,
@@ -176,6 +208,9 @@ class Checkpointer:
     except Exception as e:
       if not _is_disk_full(e):
         raise
+      # The failed save's unstarted writes are coroutines that will never run; Python warns of each at exit.
+      warnings.filterwarnings("ignore", message=r"coroutine '.*write_fragment' was never awaited",
+                              category=RuntimeWarning)
       _remove_partial(checkpoint_dir(self.workdir))
       free = shutil.disk_usage(self.workdir).free
       err = CheckpointWriteError(

@@ -13,7 +13,6 @@ Multi-host (TPU pods, multi-GPU clusters): pass ``--coordinator_address``, ``--n
 from __future__ import annotations
 
 import os
-import sys
 
 # TensorFlow (imported by clu's metric writers; TensorBoard events are its only use here) prints start-up notices
 # to stderr as it loads: the oneDNN notice unless TF_ENABLE_ONEDNN_OPTS is set (oneDNN only speeds up TF's own
@@ -81,73 +80,6 @@ def _not_orbax_warning(record: py_logging.LogRecord) -> bool:
   return f"{os.sep}orbax{os.sep}" not in record.pathname and f"{os.sep}asyncio{os.sep}" not in record.pathname
 
 
-class _DropClosedLoopTracebacks:
-  """``sys.stderr`` without the ``RuntimeError: Event loop is closed`` tracebacks that tensorstore prints (from
-  native code, past ``sys.excepthook``) when the write callbacks of a failed Orbax save fire after Orbax closed its
-  event loop: one per pending write, hundreds on a full disk, whose cause
-  :class:`maejax.checkpoints.CheckpointWriteError` states in one line. Every other text passes unchanged."""
-
-  HEADER = "Traceback (most recent call last):"
-  DROPPED = "RuntimeError: Event loop is closed"
-
-  def __init__(self, stream):
-    self.stream = stream
-    self.pending = ""  # an open traceback, held until its last line says what it is
-
-  def write(self, text: str) -> int:
-    data = self.pending + text
-    self.pending = ""
-    while data:
-      start = data.find(self.HEADER)
-      if start < 0:
-        keep = self._partial_header(data)  # a header split across writes
-        self.stream.write(data[:len(data) - keep])
-        self.pending = data[len(data) - keep:]
-        break
-      self.stream.write(data[:start])
-      block = data[start:]
-      end = self._end(block)
-      if end < 0:
-        self.pending = block
-        break
-      last = block[:end].rstrip("\n").rsplit("\n", 1)[-1]
-      if last != self.DROPPED:
-        self.stream.write(block[:end])
-      data = block[end:]
-    return len(text)
-
-  @classmethod
-  def _partial_header(cls, data: str) -> int:
-    """Length of the longest end of ``data`` that begins the header."""
-    for n in range(min(len(cls.HEADER) - 1, len(data)), 0, -1):
-      if cls.HEADER.startswith(data[-n:]):
-        return n
-    return 0
-
-  @staticmethod
-  def _end(block: str) -> int:
-    """End (after its newline) of the traceback's exception line, the first unindented line after the header;
-    -1 while it has not arrived."""
-    pos = block.find("\n")
-    while pos >= 0:
-      nxt = block.find("\n", pos + 1)
-      if nxt < 0:
-        return -1
-      line = block[pos + 1:nxt]
-      if line and not line.startswith(" "):
-        return nxt + 1
-      pos = nxt
-    return -1
-
-  def flush(self) -> None:
-    self.stream.write(self.pending)
-    self.pending = ""
-    self.stream.flush()
-
-  def __getattr__(self, name):
-    return getattr(self.stream, name)
-
-
 def route_console_log() -> None:
   """The console (absl's stderr handler) shows WARNING and above except Orbax's warnings, or the level of
   ``--verbosity`` when given; the loggers pass INFO on (for ``log_to_file``)."""
@@ -158,7 +90,6 @@ def route_console_log() -> None:
   console.setLevel(logging.converter.absl_to_standard(absl_level))
   if not verbosity_given:
     console.addFilter(_not_orbax_warning)
-    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
 
 
 class _LogFile(py_logging.FileHandler):
