@@ -24,7 +24,7 @@ data option (``bootmae.block_masking``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from maejax import losses
+from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
 from maejax.models.vit import (
   Attention,
@@ -209,20 +210,25 @@ class BootMAE(nn.Module):
   def context_blocks(self) -> tuple[int, int]:
     return self.boot.pixel_context_block % self.mae.depth, self.boot.feature_context_block % self.mae.depth
 
-  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False) -> BootMAEOutput:
-    """``images: (B, H, W, C)``, ``noise: (B, L)`` (small = kept; block masking passes ``block − U(0,1)``)."""
+  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False,
+               return_blocks: Sequence[int] = ()) -> BootMAEOutput | tuple[BootMAEOutput, VisibleBlocks]:
+    """``images: (B, H, W, C)``, ``noise: (B, L)`` (small = kept; block masking passes ``block − U(0,1)``).
+    With ``return_blocks`` (encoder block indices) also the :class:`VisibleBlocks` of this pass (DMAE reads them)."""
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], self.num_patches))
     ids_keep, mask, ids_restore = random_masking(noise, self.mae.mask_ratio)
     pix_blk, feat_blk = self.context_blocks()
-    enc = self.encoder(images, ids_keep, train=train, return_blocks=(pix_blk, feat_blk))
+    enc = self.encoder(images, ids_keep, train=train, return_blocks=(pix_blk, feat_blk, *return_blocks))
     aware = self.boot.target_aware
     pixels = self.decoder(enc.tokens, mask, ids_restore, enc.blocks[pix_blk] if aware else None)
     features = None
     if self.boot.feature_target:
       features = self.feature_decoder(enc.tokens, mask, ids_restore, enc.blocks[feat_blk] if aware else None)
-    return BootMAEOutput(pixels=pixels, features=features, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
-                         latent=enc.tokens)
+    out = BootMAEOutput(pixels=pixels, features=features, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep,
+                        latent=enc.tokens)
+    if not return_blocks:
+      return out
+    return out, VisibleBlocks({b: enc.blocks[b] for b in return_blocks}, ids_keep, mask, ids_restore)
 
   def targets(self, images: Array) -> Array:
     """Momentum-encoder features ``y = f_ξ(x)``: all L tokens + cls, all blocks, no final norm, cls dropped
@@ -232,11 +238,14 @@ class BootMAE(nn.Module):
 
 
 def bootmae_loss(model: BootMAE, params: Any, ema_encoder: Any, images: Array, rngs: Mapping[str, Array] | None,
-                 progress: Array, *, noise: Array | None = None, train: bool = True) -> tuple[Array, dict]:
+                 progress: Array, *, noise: Array | None = None, train: bool = True,
+                 return_blocks: Sequence[int] = ()) -> tuple[Array, dict] | tuple[Array, dict, VisibleBlocks]:
   """``L = L_pix + λ₀·min(1, progress/ramp)·L_feat``; ``ema_encoder`` = the momentum copy of ``params["encoder"]``
-  (no gradient), ``progress ∈ (0, 1]`` = fraction of training done at this step."""
+  (no gradient), ``progress ∈ (0, 1]`` = fraction of training done at this step. With ``return_blocks`` a third
+  item: the pass's :class:`VisibleBlocks`."""
   bc, mc = model.boot, model.mae
-  out = model.apply({"params": params}, images, noise, train=train, rngs=rngs)
+  res = model.apply({"params": params}, images, noise, train=train, rngs=rngs, return_blocks=return_blocks)
+  out, *visible = res if return_blocks else (res,)
   patches = patchify(images, mc.patch_size).astype(jnp.float32)
   target = (losses.bootmae_pixel_target(patches, mc.in_chans) if bc.pixel_norm == "bootmae"
             else losses.norm_pix_target(patches))
@@ -251,4 +260,4 @@ def bootmae_loss(model: BootMAE, params: Any, ema_encoder: Any, images: Array, r
     lam = bc.feature_weight * losses.linear_ramp(progress, bc.feature_ramp)
     total = pixel + lam * feature
     metrics.update(feature_loss=feature, feature_weight=lam)
-  return total, dict(metrics, loss=total)
+  return (total, dict(metrics, loss=total), *visible)

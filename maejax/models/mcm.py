@@ -19,7 +19,7 @@ code: recipe from the abstracts, SEED_METHODS.md §6; the details below marked [
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from maejax import losses
 from maejax.models.bootmae import _from_section
+from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
 from maejax.models.vit import _p, patch_embed_init, patchify
 
@@ -87,9 +88,11 @@ class MCM(nn.Module):
   def num_patches(self) -> int:
     return (self.mae.img_size // self.mae.patch_size) ** 2
 
-  def __call__(self, x: Array, keep: Array, noise: Array | None = None, *, train: bool = False):
+  def __call__(self, x: Array, keep: Array, noise: Array | None = None, *, train: bool = False,
+               return_blocks: Sequence[int] = ()):
     """``x: (B, H, W, N)`` normalised channels (RGB first), ``keep: (B, N)`` 0/1 → ``(preds {key: (B, L, p²·c)},
-    mask (B, L))``."""
+    mask (B, L))``; with ``return_blocks`` (encoder block indices) the pass's :class:`VisibleBlocks` follows them
+    (DMAE reads it: the blocks of the fused, channel-dropped input)."""
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (x.shape[0], self.num_patches))
     x = x * keep[:, None, None, :].astype(x.dtype)
@@ -97,18 +100,22 @@ class MCM(nn.Module):
     aux = self.aux_embed(x[..., 3:].astype(tokens.dtype))
     tokens = tokens + aux.reshape(tokens.shape)
     ids_keep, mask, ids_restore = random_masking(noise, self.mae.mask_ratio)
-    enc = self.encoder(None, ids_keep, train=train, patch_tokens=tokens)
-    return {k: d(enc.tokens, ids_restore) for k, d in self.decoders.items()}, mask
+    enc = self.encoder(None, ids_keep, train=train, patch_tokens=tokens, return_blocks=return_blocks)
+    out = ({k: d(enc.tokens, ids_restore) for k, d in self.decoders.items()}, mask)
+    return (*out, VisibleBlocks(enc.blocks, ids_keep, mask, ids_restore)) if return_blocks else out
 
 
 def mcm_loss(model: MCM, params: Any, x: Array, rngs: Mapping[str, Array], *, keep: Array | None = None,
-             noise: Array | None = None, train: bool = True) -> tuple[Array, dict]:
+             noise: Array | None = None, train: bool = True,
+             return_blocks: Sequence[int] = ()) -> tuple[Array, dict] | tuple[Array, dict, VisibleBlocks]:
   """Mean over modalities of the per-modality norm-pix MSE (weights: masked patches, and with
-  ``dropped_everywhere`` every patch of a sample that dropped one of the modality's channels)."""
+  ``dropped_everywhere`` every patch of a sample that dropped one of the modality's channels). With
+  ``return_blocks`` a third item: the pass's :class:`VisibleBlocks`."""
   mcfg = model.mcm
   if keep is None:
     keep = channel_keep(rngs["channels"], x.shape[0], mcfg.channels, mcfg.drop)
-  preds, mask = model.apply({"params": params}, x, keep, noise, train=train, rngs=rngs)
+  preds, mask, *visible = model.apply({"params": params}, x, keep, noise, train=train, rngs=rngs,
+                                      return_blocks=return_blocks)
   metrics, terms, start = {}, [], 0
   for key, c in mcfg.modalities:
     target = losses.norm_pix_target(patchify(x[..., start:start + c], model.mae.patch_size).astype(jnp.float32))
@@ -121,4 +128,4 @@ def mcm_loss(model: MCM, params: Any, x: Array, rngs: Mapping[str, Array], *, ke
     terms.append(term)
     start += c
   total = sum(terms) / len(terms)
-  return total, dict(metrics, loss=total)
+  return (total, dict(metrics, loss=total), *visible)

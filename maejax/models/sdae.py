@@ -16,7 +16,7 @@ masked views (SEED_METHODS.md §2, from AbrahamYabo/SdAE).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from maejax import losses
 from maejax.models.bootmae import _from_section
+from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
 from maejax.models.vit import gather_tokens
 
@@ -75,13 +76,16 @@ class SdAE(nn.Module):
   def num_patches(self) -> int:
     return (self.mae.img_size // self.mae.patch_size) ** 2
 
-  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False):
-    """Student: ``(pred (B, L, D), mask (B, L), ids_keep (B, K), ids_restore (B, L))``."""
+  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False,
+               return_blocks: Sequence[int] = ()):
+    """Student: ``(pred (B, L, D), mask (B, L), ids_keep (B, K), ids_restore (B, L))``; with ``return_blocks``
+    (encoder block indices) the pass's :class:`VisibleBlocks` follows them (DMAE reads it)."""
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], self.num_patches))
     ids_keep, mask, ids_restore = random_masking(noise, self.mae.mask_ratio)
-    enc = self.encoder(images, ids_keep, train=train)
-    return self.decoder(enc.tokens, ids_restore), mask, ids_keep, ids_restore
+    enc = self.encoder(images, ids_keep, train=train, return_blocks=return_blocks)
+    out = (self.decoder(enc.tokens, ids_restore), mask, ids_keep, ids_restore)
+    return (*out, VisibleBlocks(enc.blocks, ids_keep, mask, ids_restore)) if return_blocks else out
 
   def teacher(self, images: Array, folds: Array) -> Array:
     """Teacher on the folds (apply with the EMA encoder): ``folds: (B, k, n)`` → ``(B·k, n, D)``, final-normed,
@@ -93,12 +97,15 @@ class SdAE(nn.Module):
 
 
 def sdae_loss(model: SdAE, params: Any, ema_encoder: Any, images: Array, rngs: Mapping[str, Array] | None, *,
-              noise: Array | None = None, train: bool = True) -> tuple[Array, dict]:
-  """``1 − cos(t̃, ŷ)`` over the teacher's folds of the masked patches; ``ema_encoder``: momentum encoder params."""
-  pred, mask, ids_keep, ids_restore = model.apply({"params": params}, images, noise, train=train, rngs=rngs)
+              noise: Array | None = None, train: bool = True,
+              return_blocks: Sequence[int] = ()) -> tuple[Array, dict] | tuple[Array, dict, VisibleBlocks]:
+  """``1 − cos(t̃, ŷ)`` over the teacher's folds of the masked patches; ``ema_encoder``: momentum encoder params.
+  With ``return_blocks`` a third item: the pass's :class:`VisibleBlocks`."""
+  pred, mask, ids_keep, ids_restore, *visible = model.apply({"params": params}, images, noise, train=train,
+                                                            rngs=rngs, return_blocks=return_blocks)
   folds = fold_ids(ids_restore, ids_keep.shape[1], model.sd.k_folds)
   t = model.apply({"params": {"encoder": jax.lax.stop_gradient(ema_encoder)}}, images, folds, method=SdAE.teacher)
   b, k, n = folds.shape
   student = gather_tokens(pred, folds.reshape(b, k * n)).reshape(b * k, n, -1)
   loss = losses.sdae_cosine_loss(student, losses.sdae_target(t), model.sd.cos_axis)
-  return loss, {"loss": loss, "masked_fraction": mask.mean()}
+  return (loss, {"loss": loss, "masked_fraction": mask.mean()}, *visible)

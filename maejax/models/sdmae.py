@@ -21,7 +21,7 @@ tokens enter the heads. The centre lives in the ``sd_center`` collection (``Trai
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from maejax import losses
 from maejax.models.bootmae import _from_section
+from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
 from maejax.models.vit import _p, gather_tokens, gelu, patchify, xavier_uniform
 
@@ -110,24 +111,29 @@ class SDMAE(nn.Module):
   def num_patches(self) -> int:
     return (self.mae.img_size // self.mae.patch_size) ** 2
 
-  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False):
-    """``(pixels (B, L, p²·C), mask (B, L), s (B, out_dim), t (B, out_dim))``."""
+  def __call__(self, images: Array, noise: Array | None = None, *, train: bool = False,
+               return_blocks: Sequence[int] = ()):
+    """``(pixels (B, L, p²·C), mask (B, L), s (B, out_dim), t (B, out_dim))``; with ``return_blocks`` (encoder
+    block indices) the pass's :class:`VisibleBlocks` follows them (DMAE reads it)."""
     if noise is None:
       noise = jax.random.uniform(self.make_rng("masking"), (images.shape[0], self.num_patches))
     ids_keep, mask, ids_restore = random_masking(noise, self.mae.mask_ratio)
-    enc = self.encoder(images, ids_keep, train=train)
+    enc = self.encoder(images, ids_keep, train=train, return_blocks=return_blocks)
     pixels, hidden = self.decoder(enc.tokens, ids_restore)
     s = self.encoder_head(enc.tokens[:, 1:]).mean(1)
     t = self.decoder_head(gather_tokens(hidden, ids_keep)).mean(1)
-    return pixels, mask, s, t
+    out = (pixels, mask, s, t)
+    return (*out, VisibleBlocks(enc.blocks, ids_keep, mask, ids_restore)) if return_blocks else out
 
 
 def sdmae_loss(model: SDMAE, params: Any, center: Array, images: Array, rngs: Mapping[str, Array] | None, *,
-               noise: Array | None = None, train: bool = True) -> tuple[Array, tuple[dict, Array]]:
-  """``p·L_SD + (1 − p)·L_pix``; returns the loss, its metrics and the updated centre."""
+               noise: Array | None = None, train: bool = True, return_blocks: Sequence[int] = ()
+               ) -> tuple[Array, tuple[dict, Array]] | tuple[Array, tuple[dict, Array], VisibleBlocks]:
+  """``p·L_SD + (1 − p)·L_pix``; returns the loss, its metrics and the updated centre, and with
+  ``return_blocks`` a third item: the pass's :class:`VisibleBlocks`."""
   sd, mc = model.sd, model.mae
-  pixels, mask, s, t = model.apply({"params": params, "sd_center": {"center": center}}, images, noise, train=train,
-                                   rngs=rngs)
+  pixels, mask, s, t, *visible = model.apply({"params": params, "sd_center": {"center": center}}, images, noise,
+                                             train=train, rngs=rngs, return_blocks=return_blocks)
   patches = patchify(images, mc.patch_size).astype(jnp.float32)
   target = (losses.sdmae_pixel_target(patches, mc.in_chans) if sd.pixel_norm == "sdmae"
             else losses.norm_pix_target(patches))
@@ -135,4 +141,4 @@ def sdmae_loss(model: SDMAE, params: Any, center: Array, images: Array, rngs: Ma
   sd_loss = losses.dino_ce(s, t, center, sd.tau_s, sd.tau_t, sd.stop_grad)
   total = losses.sdmae_total_loss(pixel, sd_loss, sd.p)
   new_center = losses.center_update(center, t, sd.tau_t, sd.center_momentum, sd.center_mode)
-  return total, ({"loss": total, "pixel_loss": pixel, "sd_loss": sd_loss}, new_center)
+  return (total, ({"loss": total, "pixel_loss": pixel, "sd_loss": sd_loss}, new_center), *visible)

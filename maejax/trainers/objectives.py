@@ -5,7 +5,9 @@ Each objective is a model (``models/bootmae.py``, ``sdae.py``, ``sdmae.py``, ``m
 ``common.create_trainer``: the same sharded step, mesh, Orbax checkpoints and loop as MAE. The self-teachers
 (BootMAE, SdAE) keep their momentum encoder in ``TrainState.extra["ema"]`` (``common.EMA``); SD-MAE its centre in
 ``extra["sd_center"]``. Every objective's params hold an MAE ``encoder``, so the AU stages and DMAE read its
-checkpoints as they read an MAE's.
+checkpoints as they read an MAE's. Asked for encoder ``blocks``, an objective's loss also returns the
+:class:`~maejax.models.dmae.VisibleBlocks` of its forward pass: ``trainers/distill.py`` aligns them to a frozen
+DMAE teacher (an objective student).
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def ema_of(cfg: Mapping[str, Any] | None, total_steps: int, keys: tuple[str, ...
 @dataclasses.dataclass
 class Objective:
   """What the shared trainer needs: ``init_fn(rng) -> variables``, ``loss_fn``, the EMA (or None), the data and
-  the model config saved with the checkpoints."""
+  the model config saved with the checkpoints.
+
+  ``loss_fn(params, extra, batch, rng, blocks=()) -> (loss, (metrics, extra))``; with ``blocks`` (student encoder
+  block indices) a third item, the :class:`~maejax.models.dmae.VisibleBlocks` of the same forward pass.
+  """
 
   init_fn: Any
   loss_fn: Any
@@ -83,31 +89,33 @@ def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Objectiv
     if oc.block_masking:
       data_kw["block_masking"] = pipeline.block_mask_noise(grid, oc.block_mask_fraction)
 
-    def loss_fn(params, extra, batch, rng):
+    def loss_fn(params, extra, batch, rng, blocks=()):
       images = pipeline.normalize(batch["image"])
       teacher = extra["ema"]["params"]["encoder"] if ema else None
       progress = ((extra["ema"]["step"] if ema else 0) + 1) / total
-      loss, m = bootmae.bootmae_loss(model, params, teacher, images, _rngs(rng), progress,
-                                     noise=batch.get("mask_noise"))
-      return loss, (m, extra)
+      loss, m, *visible = bootmae.bootmae_loss(model, params, teacher, images, _rngs(rng), progress,
+                                               noise=batch.get("mask_noise"), return_blocks=blocks)
+      return (loss, (m, extra), *visible)
   elif name == "sdae":
     oc = sdae.SdAEConfig.from_config(config.get("sdae"))
     model = sdae.SdAE(mc, oc)
     ema = ema_of(config.get("ema"), total, ("encoder",))
 
-    def loss_fn(params, extra, batch, rng):
+    def loss_fn(params, extra, batch, rng, blocks=()):
       images = pipeline.normalize(batch["image"])
-      loss, m = sdae.sdae_loss(model, params, extra["ema"]["params"]["encoder"], images, _rngs(rng))
-      return loss, (m, extra)
+      loss, m, *visible = sdae.sdae_loss(model, params, extra["ema"]["params"]["encoder"], images, _rngs(rng),
+                                         return_blocks=blocks)
+      return (loss, (m, extra), *visible)
   elif name == "sdmae":
     oc = sdmae.SDMAEConfig.from_config(config.get("sdmae"))
     model = sdmae.SDMAE(mc, oc)
     ema = None
 
-    def loss_fn(params, extra, batch, rng):
+    def loss_fn(params, extra, batch, rng, blocks=()):
       images = pipeline.normalize(batch["image"])
-      loss, (m, center) = sdmae.sdmae_loss(model, params, extra["sd_center"]["center"], images, _rngs(rng))
-      return loss, (m, dict(extra, sd_center={"center": center}))
+      loss, (m, center), *visible = sdmae.sdmae_loss(model, params, extra["sd_center"]["center"], images,
+                                                     _rngs(rng), return_blocks=blocks)
+      return (loss, (m, dict(extra, sd_center={"center": center})), *visible)
   elif name == "mcm":
     oc = mcm.MCMConfig.from_config(config.get("mcm"))
     model = mcm.MCM(mc, oc)
@@ -117,10 +125,10 @@ def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Objectiv
     data_kw["depth"] = True
     dummy = jnp.zeros((1, img, img, oc.channels), jnp.float32)
 
-    def loss_fn(params, extra, batch, rng):
+    def loss_fn(params, extra, batch, rng, blocks=()):
       x = jnp.concatenate([pipeline.normalize(batch["image"]), pipeline.normalize_depth(batch["depth"])], -1)
-      loss, m = mcm.mcm_loss(model, params, x, _rngs(rng))
-      return loss, (m, extra)
+      loss, m, *visible = mcm.mcm_loss(model, params, x, _rngs(rng), return_blocks=blocks)
+      return (loss, (m, extra), *visible)
   else:
     raise ValueError(f"objective {name!r} is trained by trainers/mae.py")
 
