@@ -161,8 +161,9 @@ def objective_student(config: ml_collections.ConfigDict, teacher: MAE, pairs) ->
                  ema=objective.ema, data=objective.data, eval_fn=None, saved_config=objective.saved_config)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
-  """Runs DMAE distillation into ``workdir`` (resuming when it has a checkpoint)."""
+def build(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> tuple[common.Trainer, Student, dict]:
+  """The trainer on ``config.mesh`` (or ``mesh``) with the frozen teacher, the student, and the model config saved
+  with the checkpoints (the student's, plus ``distill_pairs`` and the ``teacher`` path)."""
   d = config.distill
   student_cfg = MAEConfig.from_config(config.model)
   teacher, teacher_params, teacher_cfg = load_teacher(d.teacher, student_cfg)
@@ -173,12 +174,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
                teacher_cfg, d.teacher, pairs, d.head, d.distance, d.teacher_mode)
   student = (mae_student(config, workdir, teacher, pairs) if objective == "mae"
              else objective_student(config, teacher, pairs))
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = mesh or sharding.make_mesh(config.mesh)
   frozen = frozen_teacher(teacher, teacher_params, d, mesh, config.sharding_rules)
   tx, _ = common.make_optimizer(config.optim, config.batch_size, config.total_steps)
   trainer = common.create_trainer(student.init_fn, student.loss_fn, tx, mesh, config.sharding_rules, config.seed,
                                   config.get("grad_accum_steps", 1), frozen=frozen, ema=student.ema)
   model_cfg = dict(student.saved_config, distill_pairs=[list(p) for p in pairs],
                    teacher=os.path.abspath(d.teacher))
+  return trainer, student, model_cfg
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
+  """Runs DMAE distillation into ``workdir`` (resuming when it has a checkpoint)."""
+  trainer, student, model_cfg = build(config, workdir)
   return common.train_loop(trainer, student.data, config.total_steps, workdir, config, model_cfg,
                            eval_fn=student.eval_fn, name="distill")
