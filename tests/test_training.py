@@ -290,6 +290,12 @@ def test_distill_stage_from_mae_checkpoint(uninterrupted, tmp_path):
   losses = read_losses(wd, "distill")
   assert sorted(losses) == list(range(1, 13)) and all(np.isfinite(list(losses.values())))
   assert list((wd / "tb").glob("events.out.tfevents.*"))
+  # The AU stages read the distilled student's encoder (not its projection heads).
+  from maejax import checkpoints
+  from maejax.trainers import au
+  encoder, _ = au.load_encoder(str(wd))
+  params, _ = checkpoints.load_params(str(wd))
+  assert jax.tree_util.tree_structure(encoder) == jax.tree_util.tree_structure(params["student"]["encoder"])
 
 
 def test_unknown_config_key_and_bad_teacher_are_rejected(tmp_path):

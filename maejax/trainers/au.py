@@ -335,7 +335,9 @@ def _merge(config: ml_collections.ConfigDict, run: ml_collections.ConfigDict) ->
 def load_encoder(path: str) -> tuple[dict, dict]:
   """Encoder params + their config from an MAE/DMAE workdir or a ``maejax.convert`` output."""
   params, mc = checkpoints.load_params(path)
-  params = params.get("encoder", params) if isinstance(params, Mapping) else params
+  if isinstance(params, Mapping):
+    params = params.get("student", params)  # a DMAE workdir: the student MAE beside its projection heads
+    params = params.get("encoder", params)
   if "blocks_0" not in params:
     raise ValueError(f"{path}: no ViT encoder parameters found (expected an MAE / DMAE checkpoint)")
   return params, mc
