@@ -5,6 +5,8 @@ faces), ``:bench`` (more steps, ≤ 30 min; ``--config.seed=N`` for repeats), ``
 ``:bp4d`` / ``:disfa`` (ViT-B 224 px on the prepared TFDS data, fold ``fold=1..3``; run the three folds and
 ``python -m maejax.report DIR1/report DIR2/report DIR3/report`` for the 3-fold average); ``seed=N`` seeds the
 whole chain; ``fraction=F`` keeps the labels of a fraction F of the training frames (``data.label_fraction``).
+``:objectives,objective=NAME`` (the pretraining objectives downstream at equal CPU cost: the default job's
+pretraining budget scaled by NAME's measured step cost, then the teacher and the occlusion-augmented student).
 ``:kd_study`` (the KD family in the label-scarce regime, one label fraction per run, e.g.
 ``:kd_study,fraction=0.3``; ``tune=true``: every row's candidate hyper-parameters, reported on the validation
 subjects) and ``:kd_smoke`` (its CI-sized version).
@@ -20,7 +22,11 @@ au_finetune = load_sibling(__file__, "au_finetune")
 mae_pretrain = load_sibling(__file__, "mae_pretrain")
 common = au_finetune.common
 
-VARIANTS = ("default", "bench", "smoke", "bp4d", "disfa", "kd_study", "kd_smoke")
+VARIANTS = ("default", "bench", "smoke", "bp4d", "disfa", "kd_study", "kd_smoke", "objectives")
+
+# CPU seconds per pretraining step relative to the plain MAE step, tiny configs, 2-core CPU (benchmarks/README.md,
+# "benchmarks/objectives_step.py"). :objectives gives every objective the default job's MAE budget in CPU time.
+OBJECTIVE_CPU_COST = {"mae": 1.0, "bootmae": 3.41, "sdae": 1.20, "sdmae": 1.02, "mcm": 1.54}
 
 # Students: config.student overridden per name.
 STUDENTS = {
@@ -51,6 +57,7 @@ VARIANT_STUDENTS = {
     "smoke": MAIN_STUDENTS + ("linear_head",),
     "bp4d": tuple(STUDENTS),
     "disfa": tuple(STUDENTS),
+    "objectives": ("occl_aug",),  # the pretraining objectives downstream: teacher + occlusion-augmented student
 }
 
 
@@ -138,6 +145,8 @@ def make(variant: str = "default", *, fold: int = 1, seed: int = 0, fraction: fl
   chained pretraining's objective (``mae.model.objective``: mae, bootmae, sdae, sdmae, mcm; every one saves a
   plain MAE encoder, which the teacher and the students start from)."""
   common.check_variant(__file__, variant, VARIANTS)
+  if objective not in OBJECTIVE_CPU_COST:
+    raise ValueError(f"{__file__}: objective={objective!r}; expected one of {tuple(OBJECTIVE_CPU_COST)}")
   fraction = fraction or (0.5 if variant == "kd_smoke" else 1.0)
   study = variant in ("kd_study", "kd_smoke")
   if tune and not study:
@@ -148,13 +157,17 @@ def make(variant: str = "default", *, fold: int = 1, seed: int = 0, fraction: fl
     c = _make(variant, fold=fold, seed=seed)
     c.data.label_fraction = fraction
   if objective != "mae":
-    size = {"default": "tiny", "bench": "tiny", "kd_study": "tiny", "smoke": "smoke", "kd_smoke": "smoke"}
+    size = {"default": "tiny", "bench": "tiny", "kd_study": "tiny", "smoke": "smoke", "kd_smoke": "smoke",
+            "objectives": "tiny"}
     mae_pretrain.set_objective(c.mae, objective, size.get(variant, "vit_b"))
+  if variant == "objectives":
+    c.mae.total_steps = round(c.mae.total_steps / OBJECTIVE_CPU_COST[objective])
+    c.mae.checkpoint_every = c.mae.eval_every = c.mae.total_steps
   return c
 
 
 def _make(variant: str, *, fold: int, seed: int) -> ml_collections.ConfigDict:
-  cpu = variant in ("default", "bench")
+  cpu = variant in ("default", "bench", "objectives")
   c = au_finetune.make("tiny" if cpu else variant, fold=fold, seed=seed)
   c.stage = "au_occl"
   c.mae = mae_pretrain.make("tiny" if cpu else "smoke" if variant == "smoke" else "vit_b")
@@ -205,6 +218,7 @@ def _kd_study(smoke: bool, *, seed: int, fraction: float, tune: bool) -> ml_coll
     # faces of evaluation ≈ 100 s. One fraction ≈ 21 min cold; the three fractions of one seed ≈ 56 min.
     # tune=true trains 3 candidates per row (21 students): ≈ 35 min per fraction.
     c.teacher.stage1.total_steps, c.teacher.stage2.total_steps = 1000, 150
+    c.teacher.stage1.optim.warmup_steps = 50  # the warm-up of the study's measured seeds (0, 1)
     c.data.labelled_per_batch = 16  # of 64: label terms never starve at fraction 0.1 (≈ 6 per batch otherwise)
   c.eval.calibrate = not tune
   if tune:
@@ -238,6 +252,10 @@ def _cpu_budget(c: ml_collections.ConfigDict, bench: bool) -> None:
   c.mae.checkpoint_every = c.mae.eval_every = c.mae.total_steps
   s1, s2 = (2700, 200) if bench else (1800, 200)
   c.teacher = au_finetune.teacher(s1, s2, 64, 1e-3, 3e-4, 0.05, 1.0, warmup=50)
+  # Stage 1 from a weak tiny-MAE start: the WAL loss sits on a plateau until a seed-dependent take-off step; a
+  # 300-step warm-up (50 before) moves the late take-offs earlier and keeps the teacher's clean F1 within a few
+  # points across seeds (benchmarks/README.md, "Results history").
+  c.teacher.stage1.optim.warmup_steps = 300
   c.student = student(150, 64, 5e-4, 20)
   c.student.encoder = "finetune"
   c.student.encoder_init = "teacher"

@@ -88,6 +88,21 @@ def test_au_occl_variants_students_and_rows():
     config_utils.validate(c)
 
 
+def test_au_occl_objectives_variant_equal_cpu_budget():
+  mod = module("au_occl")
+  default = config_utils.load_config(f"{path('au_occl')}:default")
+  for objective, cost in mod.OBJECTIVE_CPU_COST.items():
+    c = config_utils.load_config(f"{path('au_occl')}:objectives,objective={objective}")
+    assert c.mae.model.objective == objective
+    assert set(c.students) == {"occl_aug"} and {r[1] for r in c.rows} == {"teacher", "occl_aug"}
+    # every objective's pretraining costs the default job's MAE budget in CPU time, to within one step
+    assert abs(c.mae.total_steps * cost - default.mae.total_steps) <= cost / 2
+    assert c.mae.checkpoint_every == c.mae.total_steps
+    assert c.teacher.to_dict() == default.teacher.to_dict() and c.student.to_dict() == default.student.to_dict()
+  with pytest.raises(ValueError, match="objective='beit'"):
+    config_utils.load_config(f"{path('au_occl')}:objectives,objective=beit")
+
+
 def test_load_config_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="nosuch.py"):
     config_utils.load_config(str(tmp_path / "nosuch.py"))
