@@ -46,6 +46,7 @@ from maejax.models.vit import (
   layer_norm,
   patchify,
   sincos_pos_embed_2d,
+  unpatchify,
   xavier_uniform,
 )
 
@@ -235,6 +236,34 @@ class BootMAE(nn.Module):
     (official ``get_feature``); apply with the EMA encoder params. ``(B, L, D)``."""
     last = self.mae.depth - 1
     return self.encoder(images, None, stop_after=last, return_blocks=(last,)).blocks[last][:, 1:]
+
+  def reconstruct(self, out: BootMAEOutput, images: Array) -> Array:
+    """The pixel decoder's prediction as images ``(B, H, W, C)``, de-normalised with the per-patch statistics
+    of ``images`` (the pass's input) as its ``pixel_norm`` target defines them (:func:`pixel_target_inverse`)."""
+    mc = self.mae
+    pixels = pixel_target_inverse(out.pixels, patchify(images, mc.patch_size), mc.in_chans, self.boot.pixel_norm)
+    return unpatchify(pixels, mc.patch_size, mc.in_chans)
+
+
+def pixel_target_inverse(pred: Array, patches: Array, channels: int, pixel_norm: str) -> Array:
+  """Pixels from a predicted pixel target, with the mean and variance of the input's own patches, masked ones
+  included (the official MAE visualisation's de-normalisation: a figure, not a prediction the model could make
+  alone). ``pred, patches: (B, L, p²·C)``.
+
+  * ``"bootmae"`` (``losses.bootmae_pixel_target``): ``x̂ = t̂·sqrt(σ²_{l,c} + 1e-5) + μ_{l,c}``, ddof 0;
+  * ``"sdmae"`` (``losses.sdmae_pixel_target``): ``x̂ = t̂·(σ_{l,c} + 1e-6) + μ_{l,c}``, ddof 1;
+  * ``"mae"`` (``losses.norm_pix_target``): ``x̂ = t̂·sqrt(σ²_l + 1e-6) + μ_l`` over the whole patch, ddof 1.
+  """
+  pred, patches = pred.astype(jnp.float32), patches.astype(jnp.float32)
+  if pixel_norm == "mae":
+    mean, var = patches.mean(-1, keepdims=True), patches.var(-1, keepdims=True, ddof=1)
+    return pred * jnp.sqrt(var + 1e-6) + mean
+  if pixel_norm not in ("bootmae", "sdmae"):
+    raise ValueError(f"pixel_norm={pixel_norm!r}: expected one of ('bootmae', 'sdmae', 'mae')")
+  mean, var = losses.patch_channel_stats(patches, channels, ddof=0 if pixel_norm == "bootmae" else 1)
+  std = jnp.sqrt(var + 1e-5) if pixel_norm == "bootmae" else jnp.sqrt(var) + 1e-6
+  x = pred.reshape(pred.shape[:-1] + (-1, channels))
+  return (x * std + mean).reshape(pred.shape)
 
 
 def bootmae_loss(model: BootMAE, params: Any, ema_encoder: Any, images: Array, rngs: Mapping[str, Array] | None,

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from maejax import losses
-from maejax.models.bootmae import _from_section
+from maejax.models.bootmae import _from_section, pixel_target_inverse
 from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
-from maejax.models.vit import _p, patch_embed_init, patchify
+from maejax.models.vit import _p, patch_embed_init, patchify, unpatchify
 
 Array = jax.Array
 
@@ -103,6 +103,17 @@ class MCM(nn.Module):
     enc = self.encoder(None, ids_keep, train=train, patch_tokens=tokens, return_blocks=return_blocks)
     out = ({k: d(enc.tokens, ids_restore) for k, d in self.decoders.items()}, mask)
     return (*out, VisibleBlocks(enc.blocks, ids_keep, mask, ids_restore)) if return_blocks else out
+
+  def reconstruct(self, preds: Mapping[str, Array], x: Array) -> dict[str, Array]:
+    """Each decoder's ``preds[key]: (B, L, p²·c)`` (of the pass on ``x: (B, H, W, N)``) as images
+    ``{key: (B, H, W, c)}`` in ``x``'s normalised space, its norm-pix target undone with the per-patch statistics
+    of the modality's channels of ``x``."""
+    p, out, start = self.mae.patch_size, {}, 0
+    for key, c in self.mcm.modalities:
+      patches = patchify(x[..., start:start + c], p)
+      out[key] = unpatchify(pixel_target_inverse(preds[key], patches, c, "mae"), p, c)
+      start += c
+    return out
 
 
 def mcm_loss(model: MCM, params: Any, x: Array, rngs: Mapping[str, Array], *, keep: Array | None = None,

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from maejax import losses
-from maejax.models.bootmae import _from_section
+from maejax.models.bootmae import _from_section, pixel_target_inverse
 from maejax.models.dmae import VisibleBlocks
 from maejax.models.mae import MAEConfig, random_masking
-from maejax.models.vit import _p, gather_tokens, gelu, patchify, xavier_uniform
+from maejax.models.vit import _p, gather_tokens, gelu, patchify, unpatchify, xavier_uniform
 
 Array = jax.Array
 PIXEL_NORMS = ("sdmae", "mae")
@@ -124,6 +124,13 @@ class SDMAE(nn.Module):
     t = self.decoder_head(gather_tokens(hidden, ids_keep)).mean(1)
     out = (pixels, mask, s, t)
     return (*out, VisibleBlocks(enc.blocks, ids_keep, mask, ids_restore)) if return_blocks else out
+
+  def reconstruct(self, pixels: Array, images: Array) -> Array:
+    """The decoder's ``pixels: (B, L, p²·C)`` (first output of the pass on ``images``) as images ``(B, H, W, C)``,
+    de-normalised with the per-patch statistics of ``images`` as its ``pixel_norm`` target defines them."""
+    mc = self.mae
+    x = pixel_target_inverse(pixels, patchify(images, mc.patch_size), mc.in_chans, self.sd.pixel_norm)
+    return unpatchify(x, mc.patch_size, mc.in_chans)
 
 
 def sdmae_loss(model: SDMAE, params: Any, center: Array, images: Array, rngs: Mapping[str, Array] | None, *,

@@ -4,7 +4,6 @@ same entry, :func:`train`."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,12 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
-from maejax import sharding, viz
+from maejax import sharding
 from maejax.data import pipeline
 from maejax.models.mae import MAE, MAEConfig
-from maejax.models.vit import patchify, unpatchify
 from maejax.trainers import common, objectives
 
 
@@ -39,18 +36,14 @@ def mae_loss_fn(model: MAE):
 
 
 def reconstruction_figure(model: MAE, params, images_uint8: np.ndarray, path: str, seed: int = 0) -> str:
-  """original / masked / reconstruction PNG for fixed images and fixed masking noise."""
-  images = pipeline.normalize(jnp.asarray(images_uint8))
-  noise = jax.random.uniform(jax.random.PRNGKey(seed), (images.shape[0], model.num_patches))
-  out = model.apply({"params": params}, images, noise)
-  recon = model.apply({"params": params}, out, images, method=MAE.reconstruct)
-  p = model.patch_size
-  mask = np.asarray(out.mask)[:, :, None]
-  orig_p = np.asarray(patchify(images, p))
-  masked = unpatchify(jnp.asarray(orig_p * (1 - mask) + mask * orig_p.min()), p)
-  pasted = unpatchify(jnp.asarray(orig_p * (1 - mask) + np.asarray(patchify(recon, p)) * mask), p)
-  return viz.mae_reconstruction_grid(np.asarray(images_uint8), pipeline.denormalize(np.asarray(masked)),
-                                     pipeline.denormalize(np.asarray(pasted)), path)
+  """original / masked / reconstruction PNG for fixed images and fixed masking noise (``objectives.pixel_figure``:
+  the figure every pixel-decoder objective draws)."""
+
+  def reconstruct(images, noise):
+    out = model.apply({"params": params}, images, noise)
+    return model.apply({"params": params}, out, images, method=MAE.reconstruct), out.mask
+
+  return objectives.pixel_figure(reconstruct, model.num_patches, images_uint8, path, seed)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
@@ -73,14 +66,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
 
 
 def reconstruction_eval(config: ml_collections.ConfigDict, model: MAE, workdir: str, mae_params_of):
-  """``eval_fn(state, step)`` writing ``reconstruction_<step>.png`` for fixed held-out images (process 0)."""
-  fixed = pipeline.fixed_images(pipeline.make_source(config.data, "test"), config.get("viz_indices", (0, 1)),
-                                model.img_size)
-
-  def eval_fn(state, step):
-    if jax.process_index() == 0:
-      path = os.path.join(workdir, f"reconstruction_{step:06d}.png")
-      reconstruction_figure(model, mae_params_of(jax.device_get(state.params)), fixed, path, config.seed)
-      logging.info("wrote %s", path)
-
-  return eval_fn
+  """``eval_fn(state, step)`` writing ``reconstruction_<step>.png`` for fixed held-out images (process 0);
+  ``mae_params_of(params)``: the MAE's params within the train state's."""
+  fixed = objectives.figure_images(config, model.img_size)
+  return objectives.figure_eval(
+      workdir, lambda params, path: reconstruction_figure(model, mae_params_of(params), fixed, path, config.seed))
