@@ -256,6 +256,12 @@ def normalize_depth(depth_uint8: jax.Array) -> jax.Array:
   return (depth_uint8.astype(jnp.float32) / 255.0 - DEPTH_MEAN) / DEPTH_STD
 
 
+def denormalize_depth(depth: np.ndarray) -> np.ndarray:
+  """Inverse of :func:`normalize_depth`, to uint8 ``(..., 1)``."""
+  x = np.asarray(depth, np.float32) * DEPTH_STD + DEPTH_MEAN
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class WithDepth:
   """A synthetic-faces source whose records also carry ``"depth": (H, W, 1)`` uint8 (synthfaces.depth_of), also

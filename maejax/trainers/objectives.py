@@ -270,12 +270,6 @@ def mcm_input(image_uint8: jax.Array, depth_uint8: jax.Array) -> jax.Array:
   return jnp.concatenate([pipeline.normalize(image_uint8), pipeline.normalize_depth(depth_uint8)], -1)
 
 
-def depth_to_uint8(depth: np.ndarray) -> np.ndarray:
-  """Inverse of ``pipeline.normalize_depth``, to uint8 ``(..., 1)``."""
-  x = np.asarray(depth, np.float32) * pipeline.DEPTH_STD + pipeline.DEPTH_MEAN
-  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
 def mcm_figure(model: mcm.MCM, params: Any, inputs_uint8: np.ndarray, path: str, seed: int = 0) -> str:
   """MCM's original / masked / reconstruction PNG for ``inputs_uint8: (n, S, S, 4)`` (RGB, depth: what
   :func:`figure_images` gives with ``depth``), every channel kept (no channel dropping), masked by
@@ -287,7 +281,7 @@ def mcm_figure(model: mcm.MCM, params: Any, inputs_uint8: np.ndarray, path: str,
   keep = jnp.ones((n, model.mcm.channels), jnp.float32)
   preds, mask = model.apply({"params": params}, x, keep, figure_noise(seed, n, model.num_patches))
   recon = model.apply({"params": params}, preds, x, method=mcm.MCM.reconstruct)
-  to_uint8 = {"image": pipeline.denormalize, "depth": depth_to_uint8}
+  to_uint8 = {"image": pipeline.denormalize, "depth": pipeline.denormalize_depth}
   x, mask = np.asarray(x), np.asarray(mask)
   rows, start = [], 0
   for key, c in model.mcm.modalities:
