@@ -50,7 +50,7 @@ def main(argv):
       d = report.paired_difference(vals, ref)
       cells.append("-" if name == "mae" else " ".join(f"{x:+.1f}" for x in d["diff"]) or "no shared seed")
     body.append(cells)
-  print("\n".join(report._text_table(header, body)))
+  print("\n".join(report.text_table(header, body)))
 
 
 if __name__ == "__main__":

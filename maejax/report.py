@@ -400,7 +400,7 @@ def summarize(report_dirs: Sequence[str], baselines: Sequence[str] = DEFAULT_BAS
   return {"std": "np.std over runs, ddof=0", "baselines": list(baselines), "groups": groups}
 
 
-def _text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
   """Left-justified first column, right-justified others, every column as wide as its widest cell."""
   widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
   fmt = lambda r: r[0].ljust(widths[0]) + "".join("  " + c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True))
@@ -444,7 +444,7 @@ def format_group(g: Mapping) -> str:
         vals = " ".join(f"{per[s] * 100:+.1f}" if s in per else "." for s in g["seeds"])
         cells.append(f"{d['mean'] * 100:+.1f} [{vals}]" + ("+" if d["positive_every_seed"] else " "))
       body.append([row, *cells])
-    lines += _text_table(["model", *map(_short, cols)], body)
+    lines += text_table(["model", *map(_short, cols)], body)
 
   if g["ceiling"]:
     over = next(iter(g["ceiling"].values()))["over"]
@@ -458,7 +458,7 @@ def format_group(g: Mapping) -> str:
                    f"{e['ceiling_all_mean'] * 100:.1f} avg over all {len(g['aus'])} AUs")
     body = [[row] + [(f"{s['mean'] * 100:.1f}±{s['std'] * 100:.1f}" if (s := e["rows"].get(row)) else "-")
                      for e in g["ceiling"].values()] for row in g["rows"]]
-    lines += _text_table(["model", *(_short(c) for c in g["ceiling"])], body)
+    lines += text_table(["model", *(_short(c) for c in g["ceiling"])], body)
 
   if g["floor"]:
     fl = g["floor"]
@@ -469,7 +469,7 @@ def format_group(g: Mapping) -> str:
     mark = lambda d: "<" if d["below"] else "~" if d["runs_below"] else " "
     body = [[row] + [f"{d['diff'] * 100:+.1f}{mark(d)}" if (d := fl["rows"][row].get(c)) else "-" for c in fcols]
             for row in g["rows"]]
-    lines += _text_table(["model", *map(_short, fcols)], body)
+    lines += text_table(["model", *map(_short, fcols)], body)
   lines += [f"note: {n}" for n in g["notes"]]
   return "\n".join(ln.rstrip() for ln in "\n".join(lines).splitlines())
 
