@@ -18,12 +18,14 @@ glasses, hand) land on the face.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from maejax.data import occlusion
@@ -273,18 +275,97 @@ def au_names(data_cfg) -> tuple[int, ...]:
 def au_source(data_cfg, split: str) -> Any:
   """AU records for ``split`` ("train" / "val" / "test"): synthetic faces (subject-exclusive split; "val" is
   carved from the training subjects by ``data.val_fraction``; from the render cache in ``data.cache_dir`` unless
-  it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold`` (1..3)."""
+  it is ``""``) or the prepared BP4D / DISFA TFDS data of fold ``data.fold`` (1..3). For BP4D / DISFA with
+  ``data.val_fraction > 0``, "val" is the fold's training records of the subjects of
+  ``folds.train_val_subjects`` (by ``data.seed``) and "train" the other training records (:class:`SubjectSubset`
+  views); "test" is always the fold's test part."""
   if data_cfg.name == "synthfaces":
     from maejax.data.pipeline import synthfaces_source
     return synthfaces_source(data_cfg, split, au_names(data_cfg))
   if data_cfg.name in ("bp4d", "disfa"):
-    from maejax.data import prepare
-    if split == "val" or data_cfg.get("val_fraction", 0.0):
-      raise ValueError(f"config.data.val_fraction / split 'val': not available for {data_cfg.name} yet (the "
-                       "TFDS fold splits carry no subject-level validation split); use data.name=synthfaces")
-    return prepare.data_source(data_cfg.name, f"fold{int(data_cfg.fold)}_{split}",
-                               data_dir=data_cfg.get("data_dir") or None)
+    return _tfds_au_source(data_cfg, split)
   raise ValueError(f"config.data.name must be one of {AU_DATASETS} for AU stages, got {data_cfg.name!r}")
+
+
+def _tfds_au_source(data_cfg, split: str) -> Any:
+  import tensorflow_datasets as tfds
+
+  from maejax.data import folds, prepare
+  name, fold, data_dir = data_cfg.name, int(data_cfg.fold), data_cfg.get("data_dir") or None
+  val_fraction = data_cfg.get("val_fraction", 0.0)
+  if split == "val" and not val_fraction:
+    raise ValueError(f"{name} split 'val': set config.data.val_fraction (e.g. 0.2) to hold a fraction of fold "
+                     f"{fold}'s training subjects out for validation")
+  if split not in ("train", "val") or not val_fraction:
+    return prepare.data_source(name, f"fold{fold}_{split}", data_dir=data_dir)
+  source = prepare.data_source(name, f"fold{fold}_train", data_dir=data_dir)
+  undecoded = prepare.data_source(name, f"fold{fold}_train", data_dir=data_dir,
+                                  decoders={"image": tfds.decode.SkipDecoding()})
+  subject = record_subjects(undecoded)
+  names = folds.subjects(name)
+  if len(subject) and (subject.min() < 0 or subject.max() >= len(names)):
+    raise ValueError(f"{name} fold {fold} (split {undecoded.split!r} in {undecoded.dataset_info.data_dir}): record "
+                     f"subject indices {subject.min()}..{subject.max()} outside 0..{len(names) - 1}; rebuild it "
+                     "with `python -m maejax.data.prepare`")
+  present = [names[i] for i in np.unique(subject)]
+  train, val = folds.train_val_subjects(name, fold, val_fraction, seed=data_cfg.get("seed", 0), present=present)
+  keep = [names.index(s) for s in (val if split == "val" else train)]
+  return SubjectSubset(source, np.flatnonzero(np.isin(subject, keep)), undecoded)
+
+
+SUBJECTS_FILE = "subjects.{split}.npy"
+
+
+def record_subjects(undecoded: Any) -> np.ndarray:
+  """int32 ``(len(undecoded),)``: the ``subject`` feature of every record of a prepared BP4D / DISFA split, in
+  record order. ``undecoded``: the split's TFDS data source with ``decoders={"image": SkipDecoding()}``, so no
+  JPEG is decoded. The array is cached as ``subjects.<split>.npy`` (e.g. ``subjects.part1+part2.npy``) in the
+  prepared dataset's folder, beside ``dataset_info.json``, and read again while it is newer than that file and
+  of the split's length; a folder that cannot be written only costs the reading of the records every time."""
+  n = len(undecoded)
+  folder = os.fspath(undecoded.dataset_info.data_dir)
+  path = os.path.join(folder, SUBJECTS_FILE.format(split=undecoded.split))
+  info = os.path.join(folder, "dataset_info.json")
+  try:
+    if os.path.getmtime(path) >= os.path.getmtime(info):
+      cached = np.load(path)
+      if cached.shape == (n,):
+        return cached.astype(np.int32)
+  except (OSError, ValueError):
+    pass  # no cache yet, or an unreadable one: read the records
+  subject = np.empty(n, np.int32)
+  for start in range(0, n, 1024):
+    keys = list(range(start, min(n, start + 1024)))
+    subject[start:start + len(keys)] = [int(r["subject"]) for r in undecoded.__getitems__(keys)]
+  tmp = f"{path[:-len('.npy')]}.{os.getpid()}.tmp.npy"
+  try:
+    np.save(tmp, subject)
+    os.replace(tmp, path)
+  except OSError as e:
+    logging.warning("record subjects of %s not cached (%s); they are read from the records on every call", path, e)
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return subject
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectSubset:
+  """Random-access view of the records of a prepared BP4D / DISFA split at ``indices`` (those of some subjects);
+  ``labels(i)`` reads record ``i`` from ``undecoded`` (the same split with the image left as JPEG bytes), so the
+  WAL weights' label sample decodes no image. Picklable, for grain worker processes."""
+
+  source: Any
+  indices: np.ndarray
+  undecoded: Any = None
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[int(self.indices[int(i)])]
+
+  def labels(self, i: int) -> dict[str, Any]:
+    return (self.source if self.undecoded is None else self.undecoded)[int(self.indices[int(i)])]
 
 
 def sample_labels(source: Any, num_aus: int, max_examples: int = 4000, seed: int = 0) -> np.ndarray:

@@ -9,12 +9,16 @@ three fixed *parts*; fold k (k = 1, 2, 3) tests on part (4 − k) and trains on 
 
 The TFDS builders (`bp4d.py`, `disfa.py`) store one split per part (`part1`, `part2`, `part3`), so no frame is
 stored twice; `fold_split(fold, "train")` gives the TFDS split string (e.g. ``"part1+part2"``) of a fold.
+`train_val_subjects` holds a seeded subset of a fold's training subjects out for validation (tuning and threshold
+calibration), subject-exclusive from the fold's test part by construction.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,39 @@ def fold_subjects(dataset: str, fold: int) -> tuple[tuple[str, ...], tuple[str, 
   train, test = fold_parts(fold)
   train_subjects = tuple(s for k in train for s in all_parts[k - 1])
   return train_subjects, all_parts[test - 1]
+
+
+def train_val_subjects(dataset: str, fold: int, val_fraction: float, seed: int = 0,
+                       present: Iterable[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(train_subjects, val_subjects) of `fold`: a subject-level validation split carved from the fold's training
+  subjects, so hyper-parameters and thresholds are chosen on held-out training subjects, never on the test part.
+
+  `max(1, round(val_fraction × n))` of the n candidates (at most n − 1) are drawn by `seed`: the same seed gives
+  the same subjects. Candidates are the fold's training subjects, or those of them in `present` (the subjects the
+  prepared training split actually holds, so no validation subject is one without frames); a subject in
+  `present` outside the fold's training subjects raises. Both tuples keep the published part order.
+  """
+  if not 0 < val_fraction < 1:
+    raise ValueError(f"config.data.val_fraction: expected a value in (0, 1) (the fraction of the training "
+                     f"subjects held out for validation), got {val_fraction!r}")
+  fold_train, _ = fold_subjects(dataset, fold)
+  candidates = fold_train
+  if present is not None:
+    present = set(present)
+    stray = sorted(present - set(fold_train))
+    if stray:
+      raise ValueError(f"{dataset} fold {fold}: subjects {stray} are not training subjects of the fold "
+                       f"(expected some of {fold_train}; DESIGN.md §6)")
+    candidates = tuple(s for s in fold_train if s in present)
+  if len(candidates) < 2:
+    raise ValueError(f"config.data.val_fraction: {dataset} fold {fold} has {len(candidates)} training subject(s) "
+                     f"{candidates}; at least 2 are needed to hold some out for validation")
+  n_val = min(len(candidates) - 1, max(1, int(round(len(candidates) * val_fraction))))
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 16]))
+  drawn = set(rng.permutation(len(candidates))[:n_val].tolist())
+  train = tuple(s for i, s in enumerate(candidates) if i not in drawn)
+  val = tuple(s for i, s in enumerate(candidates) if i in drawn)
+  return train, val
 
 
 def part_splits(plans: dict[int, list], generate: Callable, dataset: str) -> dict:
