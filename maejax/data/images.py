@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,6 +88,28 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
     raise FileNotFoundError(f"Image file not found: {path}") from None
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"Cannot decode image {path}: {e}") from e
+
+
+def load_grey(path: str | os.PathLike) -> np.ndarray:
+  """Decodes a single-channel 8-bit image file (Pillow mode "L": greyscale PNG, JPEG, ...). Returns uint8 (H, W).
+
+  The auxiliary modalities of the AU builders (depth, thermal) are stored this way. Any other mode (RGB, 16-bit
+  "I;16", 32-bit "I" / "F", palette, alpha) is a ValueError naming the file: converting it would silently change
+  its values. FileNotFoundError for a missing file; ValueError naming the file for a corrupt one.
+  """
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as img:
+      img.load()
+      mode, pixels = img.mode, np.asarray(img)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"Image file not found: {path}") from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f"Cannot decode image {path}: {e}") from e
+  if mode != "L":
+    raise ValueError(f"{path}: expected an 8-bit single-channel (greyscale, Pillow mode 'L') image, got mode "
+                     f"{mode!r}; write the modality as 8-bit greyscale (e.g. depth scaled to 0..255)")
+  return pixels.astype(np.uint8, copy=False)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -171,11 +193,36 @@ def face_crop(image: np.ndarray, points: np.ndarray | None, size: int = 256) -> 
   """The face crop of the AU datasets: `landmark_box(points)` when landmarks are given, else the centred
   square; resized to (size, size, 3) uint8. `image: uint8 (H, W, 3)`, `points: (K, 2)` (x, y) or None.
   """
-  if points is None:
-    box = centre_square_box(*image.shape[:2])
-  else:
-    box = landmark_box(points)
-  return crop_resize(image, box, size)
+  return crop_resize(image, face_box(image.shape[:2], points), size)
+
+
+def face_box(shape: tuple[int, int], points: np.ndarray | None) -> tuple[float, float, float, float]:
+  """The box of :func:`face_crop` for an image of ``shape`` (H, W): ``landmark_box(points)``, or the centred
+  square when ``points`` is None."""
+  return centre_square_box(*shape) if points is None else landmark_box(points)
+
+
+def crop_channels(crop_rgb: Callable[[np.ndarray], np.ndarray], channels: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """The crops of single-channel images ``channels: [uint8 (H, W)]`` by an RGB frame's crop function ``crop_rgb:
+  uint8 (H, W, 3) → (S, S, 3)``, so an auxiliary modality (depth, thermal) is cut exactly like the frame.
+
+  The channels go three at a time into the colour channels of one image (zeros fill a last partial group). Every
+  resampling step of the crops (Pillow's crop / bilinear resize / affine transform, box reduce, edge padding) works
+  on each channel alone, so each result is that channel's own crop. Returns [uint8 (S, S, 1)] in input order.
+  """
+  channels = [np.asarray(c) for c in channels]
+  if any(c.ndim != 2 or c.shape != channels[0].shape or c.dtype != np.uint8 for c in channels):
+    raise ValueError(f"crop_channels: expected uint8 (H, W) images of one size, got shapes "
+                     f"{[c.shape for c in channels]} and dtypes {[str(c.dtype) for c in channels]}")
+  out: list[np.ndarray] = []
+  for start in range(0, len(channels), 3):
+    group = channels[start:start + 3]
+    packed = np.zeros(group[0].shape + (3,), np.uint8)
+    for i, c in enumerate(group):
+      packed[:, :, i] = c
+    crop = crop_rgb(packed)
+    out += [np.ascontiguousarray(crop[:, :, i:i + 1]) for i in range(len(group))]
+  return out
 
 
 ALIGNS = ("detect", "landmarks", "center")  # how the AU builders crop a frame: see FaceCropper
@@ -283,9 +330,32 @@ class FaceCropper:
                where: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(crop (size, size, 3) uint8, landmarks (5, 2) float32)`` or None when no face is found (``where``,
     the frame's file, is listed)."""
+    out = self.crop_with_aux(sequence, frame, src, image, points, where, ())
+    return None if out is None else out[:2]
+
+  def crop_with_aux(self, sequence: str, frame: int, src: str, image: np.ndarray, points: np.ndarray | None,
+                    where: str, aux: Sequence[np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """As :meth:`__call__`, plus the crops of ``aux``: single-channel uint8 ``(H, W)`` images pixel-aligned with
+    ``image: (H, W, 3)`` (depth, thermal), each cut with the frame's own box (``align="detect"``: its similarity
+    transform) by :func:`crop_channels`. Returns ``(crop, landmarks, [aux crop uint8 (size, size, 1)])`` or None."""
+    wrong = [np.shape(a) for a in aux if np.shape(a) != image.shape[:2]]
+    if wrong:
+      raise ValueError(f"{where}: auxiliary images of shape(s) {wrong} are not pixel-aligned with the frame "
+                       f"{image.shape[:2]}")
+    crop_fn = self._crop_fn(sequence, frame, src, image, points, where)
+    if crop_fn is None:
+      return None
+    crop, landmarks = crop_fn(image)
+    return crop, landmarks, crop_channels(lambda x: crop_fn(x)[0], aux)
+
+  def _crop_fn(self, sequence: str, frame: int, src: str, image: np.ndarray, points: np.ndarray | None,
+               where: str) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
+    """The crop of this frame as a function of an (H, W, 3) image of the frame's size: ``x → (crop (size, size,
+    3), landmarks (5, 2))``; None when no face is found."""
     if self.align != "detect":
-      crop = face_crop(image, points if self.align == "landmarks" else None, self.size)
-      return crop, UNKNOWN_LANDMARKS
+      box = face_box(image.shape[:2], points if self.align == "landmarks" else None)
+      return lambda x: (crop_resize(x, box, self.size), UNKNOWN_LANDMARKS)
     found, det = (False, None) if self.cache is None else self.cache.lookup(sequence, frame, src)
     if found:
       self.cache_hits += 1
@@ -297,8 +367,12 @@ class FaceCropper:
     if det is None:
       self.no_face.append(f"{sequence}\t{frame}\t{where}")
       return None
-    crop, keypoints = self.aligner.crop(image, det, self.size)
-    return crop, np.asarray(keypoints, np.float32).reshape(NUM_KEYPOINTS, 2)
+
+    def crop(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+      out, keypoints = self.aligner.crop(x, det, self.size)
+      return out, np.asarray(keypoints, np.float32).reshape(NUM_KEYPOINTS, 2)
+
+    return crop
 
   def save(self) -> None:
     if self.cache is not None:
@@ -509,12 +583,20 @@ def open_image_source(spec: str, *, data_dir: str | os.PathLike | None = None,
   return ImageFolderSource(spec, skip_bad=skip_bad)
 
 
-def au_features(num_aus: int, image_size: int = 256):
+AU_FEATURE_KEYS = ("image", "au", "au_intensity", "landmarks", "subject", "subject_id", "task", "frame")
+
+
+def au_features(num_aus: int, image_size: int = 256, aux: Sequence[str] = ()):
   """The TFDS features of an AU dataset record (BP4D, DISFA): ``image`` JPEG ``(S, S, 3)``, ``au`` int8 (−1 =
   unknown), ``au_intensity`` float32 (−1 = none), ``landmarks`` float32 (5, 2) (x, y) in the crop (eyes, nose
-  tip, mouth corners; −1 = unknown), ``subject`` index, ``subject_id``, ``task``, ``frame``."""
+  tip, mouth corners; −1 = unknown), ``subject`` index, ``subject_id``, ``task``, ``frame``; and per key of
+  ``aux`` (auxiliary modalities, e.g. "depth") a single-channel PNG ``(S, S, 1)`` aligned with ``image``."""
   import tensorflow_datasets as tfds
+  clash = sorted(set(aux) & set(AU_FEATURE_KEYS))
+  if clash:
+    raise ValueError(f"auxiliary modality key(s) {clash} clash with the record features {AU_FEATURE_KEYS}")
   return tfds.features.FeaturesDict({
+    **{k: tfds.features.Image(shape=(image_size, image_size, 1), encoding_format="png") for k in aux},
     "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format="jpeg"),
     "au": tfds.features.Tensor(shape=(num_aus,), dtype=np.int8),
     "au_intensity": tfds.features.Tensor(shape=(num_aus,), dtype=np.float32),

@@ -135,11 +135,14 @@ def synthfaces_source(cfg: ml_collections.ConfigDict, split: str, aus: Sequence[
 
 def make_source(cfg: ml_collections.ConfigDict, split: str = "train") -> Any:
   """A random-access source from ``config.data``: ``synthfaces`` (default; rendered once into
-  ``data.cache_dir``, see ``face_cache``; ``""`` renders on the fly), ``folder`` (any folder of images) or
-  ``tfds`` (a prepared TFDS dataset, e.g. imagenet2012 or the BP4D/DISFA builders)."""
+  ``data.cache_dir``, see ``face_cache``; ``""`` renders on the fly), ``folder`` (any folder of images),
+  ``tfds`` (a prepared TFDS dataset, e.g. imagenet2012) or ``bp4d`` / ``disfa`` (the prepared AU data of fold
+  ``data.fold``: :func:`au_data_source`)."""
   name = cfg.name
   if name == "synthfaces":
     return synthfaces_source(cfg, split)
+  if name in AU_DATA:
+    return au_data_source(cfg, split)
   if name == "folder":
     from maejax.data import images
     if not cfg.path:
@@ -148,7 +151,40 @@ def make_source(cfg: ml_collections.ConfigDict, split: str = "train") -> Any:
   if name == "tfds":
     from maejax.data import images
     return images.TfdsImageSource(cfg.tfds_name, split=split, data_dir=cfg.get("data_dir") or None)
-  raise ValueError(f"config.data.name must be 'synthfaces', 'folder' or 'tfds', got {name!r}")
+  raise ValueError(f"config.data.name must be 'synthfaces', 'folder', 'tfds', 'bp4d' or 'disfa', got {name!r}")
+
+
+AU_DATA = ("bp4d", "disfa")  # prepared by `python -m maejax.data.prepare`
+
+
+def au_data_source(cfg: ml_collections.ConfigDict, split: str, aux: Sequence[str] = ()) -> Any:
+  """The prepared BP4D / DISFA records (``data.name``) of split ``"fold<data.fold>_<split>"`` from
+  ``data.data_dir``; with ``aux`` (auxiliary modality keys) the BP4D build prepared with them (``--aux_subdirs``;
+  ValueError naming a key no build has). Records: ``image`` uint8 (256, 256, 3), each aux key (256, 256, 1), the
+  labels."""
+  from maejax.data import prepare
+  fold = cfg.get("fold")
+  if fold is None:
+    raise ValueError(f"config.data.fold: data.name={cfg.name!r} reads the prepared split fold<k>_{split} (k = 1..3); "
+                     "config.data has no fold: add one to the config (e.g. c.data.fold = 1, as au_finetune's bp4d "
+                     "variant does)")
+  return prepare.data_source(cfg.name, f"fold{int(fold)}_{split}", data_dir=cfg.get("data_dir") or None, aux=aux)
+
+
+def aux_source(cfg: ml_collections.ConfigDict, split: str, aux: Sequence[str]) -> Any:
+  """:func:`make_source` whose records also carry the auxiliary modalities ``aux`` (record keys, uint8 (H, W, 1)
+  each, aligned with ``image``): synthfaces' rendered depth (:class:`WithDepth`; ``aux`` must be ("depth",)) or
+  the BP4D build prepared with them (:func:`au_data_source`)."""
+  aux = tuple(aux)
+  if cfg.name == "synthfaces":
+    if aux != ("depth",):
+      raise ValueError(f"auxiliary modalities {list(aux)}: synthfaces renders depth only (mcm.aux=(('depth', 1),)); "
+                       "prepared BP4D (config.data.name='bp4d') carries the keys it was prepared with")
+    return WithDepth(make_source(cfg, split), cfg.seed, cfg.image_size)
+  if cfg.name == "bp4d":
+    return au_data_source(cfg, split, aux)
+  raise ValueError(f"config.data.name={cfg.name!r}: auxiliary modalities {list(aux)} exist for synthfaces (depth) "
+                   "and bp4d (prepared with python -m maejax.data.prepare --aux_subdirs=...) only")
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -252,7 +288,7 @@ DEPTH_MEAN, DEPTH_STD = 0.5, 0.5
 
 
 def normalize_depth(depth_uint8: jax.Array) -> jax.Array:
-  """``(B, H, W, 1)`` uint8 depth → float32 in about [−1, 1]."""
+  """``(B, H, W, 1)`` uint8 depth (or any auxiliary modality: thermal, ...) → float32 in about [−1, 1]."""
   return (depth_uint8.astype(jnp.float32) / 255.0 - DEPTH_MEAN) / DEPTH_STD
 
 
@@ -291,8 +327,15 @@ class MultiModalAugment:
   flip: bool = True
 
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    missing = [k for k in self.keys if k not in record]
+    if missing:
+      raise ValueError(f"MultiModalAugment: record has no key(s) {missing}; keys: {sorted(record)}")
     arrays = {k: np.asarray(record[k]) for k in self.keys}
     arrays["image"] = _as_rgb(arrays["image"])
+    wrong = {k: a.shape for k, a in arrays.items() if a.shape[:2] != arrays["image"].shape[:2]}
+    if wrong:
+      raise ValueError(f"MultiModalAugment: modalities {wrong} are not the size of the image "
+                       f"{arrays['image'].shape[:2]}")
     top, left, h, w = random_resized_crop_box(rng, *arrays["image"].shape[:2], self.scale)
     flip = self.flip and rng.random() < 0.5
     out = {}
@@ -316,17 +359,17 @@ class Then:
 
 
 def objective_pipeline(data_cfg: ml_collections.ConfigDict, global_batch_size: int, img_size: int, seed: int, *,
-                       block_masking: BlockMaskNoise | None = None, depth: bool = False) -> grain.IterDataset:
+                       block_masking: BlockMaskNoise | None = None, aux: Sequence[str] = ()) -> grain.IterDataset:
   """:func:`mae_pipeline` for the objectives beyond MAE: optionally with BootMAE's block-mask noise
-  (``"mask_noise": (b, L)``) and / or the synthetic faces' depth (``"depth": (b, S, S, 1)``, same crop and flip)."""
-  src = make_source(data_cfg, "train")
+  (``"mask_noise": (b, L)``) and / or auxiliary modalities ``aux`` (record keys, e.g. ("depth",) of the synthetic
+  faces or ("depth", "thermal") of prepared BP4D: :func:`aux_source`), each ``(b, S, S, 1)`` with the image's crop
+  and flip."""
   scale = tuple(data_cfg.get("crop_scale", (0.2, 1.0)))
-  if depth:
-    if data_cfg.name != "synthfaces":
-      raise ValueError(f"config.data.name={data_cfg.name!r}: the depth modality exists for synthfaces only")
-    src = WithDepth(src, data_cfg.seed, data_cfg.image_size)
-    augment = MultiModalAugment(img_size, ("image", "depth"), scale)
+  if aux:
+    src = aux_source(data_cfg, "train", aux)
+    augment = MultiModalAugment(img_size, ("image", *aux), scale)
   else:
+    src = make_source(data_cfg, "train")
     augment = MAEAugment(img_size, scale)
   if block_masking is not None:
     augment = Then(augment, block_masking)

@@ -11,9 +11,9 @@ DMAE teacher (an objective student).
 
 At its eval steps (``config.eval_every``) each objective with a pixel decoder writes ``reconstruction_<step>.png``
 (original / masked / reconstruction, MAE's figure: :func:`pixel_figure`, :func:`figure_eval`): BootMAE's pixel
-decoder, SD-MAE's decoder, and MCM's RGB and depth decoders. SdAE writes none: its decoder predicts the teacher's
-features, not pixels. The shared figure code lives here, below ``trainers/mae.py``, which draws MAE's figure with
-it (mae.py dispatches to this module, so the reverse import would be a cycle).
+decoder, SD-MAE's decoder, and MCM's RGB and auxiliary (depth, thermal) decoders. SdAE writes none: its decoder
+predicts the teacher's features, not pixels. The shared figure code lives here, below ``trainers/mae.py``, which
+draws MAE's figure with it (mae.py dispatches to this module, so the reverse import would be a cycle).
 """
 
 from __future__ import annotations
@@ -140,13 +140,12 @@ def build(config: ml_collections.ConfigDict, with_data: bool = True) -> Objectiv
     oc = mcm.MCMConfig.from_config(config.get("mcm"))
     model = mcm.MCM(mc, oc)
     ema = None
-    if [k for k, _ in oc.aux] != ["depth"]:
-      raise ValueError(f"config.mcm.aux={oc.aux}: the pipelines provide depth only (('depth', 1),)")
-    data_kw["depth"] = True
+    aux_keys = mcm_aux_keys(oc)
+    data_kw["aux"] = aux_keys
     dummy = jnp.zeros((1, img, img, oc.channels), jnp.float32)
 
     def loss_fn(params, extra, batch, rng, blocks=()):
-      x = mcm_input(batch["image"], batch["depth"])
+      x = mcm_input(batch["image"], *(batch[k] for k in aux_keys))
       loss, m, *visible = mcm.mcm_loss(model, params, x, _rngs(rng), return_blocks=blocks)
       return (loss, (m, extra), *visible)
 
@@ -180,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
   trainer = create(config, objective)
   eval_fn = None
   if objective.figure is not None:
-    inputs = figure_images(config, MAEConfig.from_config(config.model).img_size, depth=name == "mcm")
+    aux = mcm_aux_keys(mcm.MCMConfig.from_config(config.get("mcm"))) if name == "mcm" else ()
+    inputs = figure_images(config, MAEConfig.from_config(config.model).img_size, aux=aux)
     eval_fn = figure_eval(workdir, lambda params, path: objective.figure(params, inputs, path, config.seed))
   return common.train_loop(trainer, objective.data, config.total_steps, workdir, config, objective.saved_config,
                            eval_fn=eval_fn, name=name)
@@ -189,22 +189,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> common.LoopResult:
 # ------------------------------------------------------------------------------------- reconstruction figures
 
 
-def figure_images(config: ml_collections.ConfigDict, img_size: int, depth: bool = False) -> np.ndarray:
+def figure_images(config: ml_collections.ConfigDict, img_size: int, depth: bool = False, *,
+                  aux: tuple[str, ...] = ()) -> np.ndarray:
   """The fixed held-out inputs of every reconstruction figure: ``config.viz_indices`` of the test split,
-  ``(n, S, S, 3)`` uint8; with ``depth`` (MCM) the synthetic faces' depth map follows as a fourth channel."""
-  source = pipeline.make_source(config.data, "test")
+  ``(n, S, S, 3)`` uint8; with ``aux`` (MCM's auxiliary record keys; ``depth`` = ``aux=("depth",)``) one channel
+  per key follows, in that order (:func:`pipeline.aux_source`: the synthetic faces' depth, prepared BP4D's keys)."""
+  aux = tuple(aux) or (("depth",) if depth else ())
   indices = config.get("viz_indices", (0, 1))
+  if not aux:
+    return pipeline.fixed_images(pipeline.make_source(config.data, "test"), indices, img_size)
+  source = pipeline.aux_source(config.data, "test", aux)
   images = pipeline.fixed_images(source, indices, img_size)
-  if not depth:
-    return images
-  with_depth = pipeline.WithDepth(source, config.data.seed, config.data.image_size)
   maps = []
   for i in indices:
-    m = with_depth[int(i)]["depth"][:, :, 0]
-    if m.shape != (img_size, img_size):  # as pipeline.Resize does the image
-      m = np.asarray(Image.fromarray(m).resize((img_size, img_size), Image.BICUBIC))
-    maps.append(m)
-  return np.concatenate([images, np.stack(maps)[..., None]], axis=-1)
+    record = source[int(i)]
+    for key in aux:
+      m = np.asarray(record[key])[:, :, 0]
+      if m.shape != (img_size, img_size):  # as pipeline.Resize does the image
+        m = np.asarray(Image.fromarray(m).resize((img_size, img_size), Image.BICUBIC))
+      maps.append(m)
+  return np.concatenate([images, np.stack(maps).reshape(len(indices), len(aux), img_size, img_size)
+                         .transpose(0, 2, 3, 1)], axis=-1)
 
 
 def figure_noise(seed: int, batch: int, num_patches: int) -> jax.Array:
@@ -265,28 +270,38 @@ def sdmae_figure(model: sdmae.SDMAE, params: Any, images_uint8: np.ndarray, path
   return pixel_figure(reconstruct, model.num_patches, images_uint8, path, seed)
 
 
-def mcm_input(image_uint8: jax.Array, depth_uint8: jax.Array) -> jax.Array:
-  """MCM's early-fused input ``(B, H, W, 4)``: normalised RGB, then normalised depth."""
-  return jnp.concatenate([pipeline.normalize(image_uint8), pipeline.normalize_depth(depth_uint8)], -1)
+def mcm_aux_keys(oc: mcm.MCMConfig) -> tuple[str, ...]:
+  """The record keys of ``config.mcm.aux``; ValueError unless each is one channel (what the pipelines provide)."""
+  wide = [(k, c) for k, c in oc.aux if c != 1]
+  if wide:
+    raise ValueError(f"config.mcm.aux={oc.aux}: the pipelines provide single-channel auxiliary modalities; "
+                     f"{wide} have more channels")
+  return tuple(k for k, _ in oc.aux)
+
+
+def mcm_input(image_uint8: jax.Array, *aux_uint8: jax.Array) -> jax.Array:
+  """MCM's early-fused input ``(B, H, W, 3 + A)``: normalised RGB, then each auxiliary modality ``(B, H, W, 1)``
+  (depth, thermal, ... in ``config.mcm.aux`` order) normalised by :func:`pipeline.normalize_depth`."""
+  return jnp.concatenate([pipeline.normalize(image_uint8), *(pipeline.normalize_depth(a) for a in aux_uint8)], -1)
 
 
 def mcm_figure(model: mcm.MCM, params: Any, inputs_uint8: np.ndarray, path: str, seed: int = 0) -> str:
-  """MCM's original / masked / reconstruction PNG for ``inputs_uint8: (n, S, S, 4)`` (RGB, depth: what
-  :func:`figure_images` gives with ``depth``), every channel kept (no channel dropping), masked by
-  :func:`figure_noise`: per image an RGB row, then a depth row (gray) from the depth decoder, both with the same
-  spatial mask (:meth:`MCM.reconstruct`, visible patches pasted)."""
+  """MCM's original / masked / reconstruction PNG for ``inputs_uint8: (n, S, S, 3 + A)`` (RGB, then the auxiliary
+  modalities of ``config.mcm.aux``: what :func:`figure_images` gives with ``aux``), every channel kept (no channel
+  dropping), masked by :func:`figure_noise`: per image an RGB row, then a gray row per auxiliary modality (depth,
+  thermal) from its decoder, all with the same spatial mask (:meth:`MCM.reconstruct`, visible patches pasted)."""
   inputs_uint8 = np.asarray(inputs_uint8)
   n = inputs_uint8.shape[0]
   x = mcm_input(jnp.asarray(inputs_uint8[..., :3]), jnp.asarray(inputs_uint8[..., 3:]))
   keep = jnp.ones((n, model.mcm.channels), jnp.float32)
   preds, mask = model.apply({"params": params}, x, keep, figure_noise(seed, n, model.num_patches))
   recon = model.apply({"params": params}, preds, x, method=mcm.MCM.reconstruct)
-  to_uint8 = {"image": pipeline.denormalize, "depth": pipeline.denormalize_depth}
   x, mask = np.asarray(x), np.asarray(mask)
   rows, start = [], 0
   for key, c in model.mcm.modalities:
     masked, pasted = viz.masked_and_pasted(x[..., start:start + c], np.asarray(recon[key]), mask)
-    panels = (inputs_uint8[..., start:start + c], to_uint8[key](masked), to_uint8[key](pasted))
+    to_uint8 = pipeline.denormalize if key == "image" else pipeline.denormalize_depth
+    panels = (inputs_uint8[..., start:start + c], to_uint8(masked), to_uint8(pasted))
     rows.append([np.broadcast_to(a, a.shape[:-1] + (3,)) for a in panels])  # 1 channel → gray RGB
     start += c
   originals, masked, pasted = (np.stack([r[j][i] for i in range(n) for r in rows]) for j in range(3))
