@@ -66,6 +66,7 @@ def test_every_declared_argument_acts(name, monkeypatch):
   changed = {"fold": 2, "seed": 3, "steps": 7, "fraction": 0.3, "tune": "true", "objective": "sdmae"}
   for key in set(seen) - {"variant"}:
     v = "kd_smoke" if key == "tune" else variant  # the search exists in the study variants only
+    v = "mcm_bp4d" if (name, key) == ("mae_pretrain", "fold") else v  # the one pretraining config on BP4D
     base = mod.get_config(v).to_dict()
     assert mod.get_config(f"{v},{key}={changed[key]}").to_dict() != base, key
 
@@ -101,6 +102,22 @@ def test_au_occl_objectives_variant_equal_cpu_budget():
     assert c.teacher.to_dict() == default.teacher.to_dict() and c.student.to_dict() == default.student.to_dict()
   with pytest.raises(ValueError, match="objective='beit'"):
     config_utils.load_config(f"{path('au_occl')}:objectives,objective=beit")
+
+
+def test_mcm_modalities_follow_the_data():
+  """MCM on the synthetic faces: RGB + the renderer's depth, 1 channel dropped; on BP4D (``:mcm_bp4d``): RGB +
+  depth + thermal, 2 of the 5 dropped (the paper's mixing); a dataset without auxiliary modalities is refused."""
+  mod = module("mae_pretrain")
+  c = config_utils.load_config(f"{path('mae_pretrain')}:mcm")
+  assert (c.data.name, tuple(map(tuple, c.mcm.aux)), c.mcm.drop) == ("synthfaces", (("depth", 1),), 1)
+  c = config_utils.load_config(f"{path('mae_pretrain')}:mcm_bp4d,fold=3")
+  assert (c.data.name, c.data.fold, c.model.objective) == ("bp4d", 3, "mcm")
+  assert (tuple(map(tuple, c.mcm.aux)), c.mcm.drop) == ((("depth", 1), ("thermal", 1)), 2)
+  assert (c.model.size, c.model.img_size) == ("B", 224)
+  disfa = mod.make("vit_b")
+  disfa.data.name = "disfa"
+  with pytest.raises(ValueError, match=r"config\.data\.name='disfa' has none"):
+    mod.set_objective(disfa, "mcm", "vit_b")
 
 
 def test_load_config_errors(tmp_path):
